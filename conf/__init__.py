@@ -1,0 +1,1 @@
+"""Hydra config tree, installed as sora_train.conf (see setup.py)."""
