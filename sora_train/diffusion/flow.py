@@ -1,0 +1,133 @@
+"""Rectified-flow (flow matching) training objective; knows nothing of the model.
+
+Conventions: x_t = (1 - t) * x0 + t * eps with t in [0, 1] (t = 1 is pure noise); the model
+predicts the velocity v = dx_t/dt = eps - x0; samplers integrate from t = 1 down to t = 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from sora_train.utils.errors import SoraError
+
+from .timesteps import TimestepSampler, shift_timesteps, token_shift
+
+SAMPLER_KEYS = ("steps", "method", "guidance_scale")
+
+
+class FlowMatching:
+    """Rectified-flow objective with token-count-dependent timestep shift.
+
+    Args:
+        timestep_sampler: distribution of training t before the shift.
+        shift_base_tokens, base_shift, max_shift: the shift rule of `token_shift` (base_shift at
+            or below shift_base_tokens tokens, growing as sqrt(tokens), capped at max_shift).
+        use_token_shift: False = always base_shift, whatever the sample's size.
+        sampler: default sampling settings (steps, method, guidance_scale) kept for callers;
+            see `sora_train.diffusion.samplers.sample`.
+    """
+
+    def __init__(
+        self,
+        timestep_sampler: TimestepSampler | None = None,
+        shift_base_tokens: int = 256,
+        base_shift: float = 1.0,
+        max_shift: float = 6.0,
+        use_token_shift: bool = True,
+        sampler: Mapping | None = None,
+    ):
+        if base_shift <= 0 or max_shift < base_shift:
+            raise SoraError(f"diffusion needs 0 < base_shift <= max_shift, got {base_shift=}, {max_shift=}")
+        self.timestep_sampler = timestep_sampler if timestep_sampler is not None else TimestepSampler()
+        self.shift_base_tokens = int(shift_base_tokens)
+        self.base_shift, self.max_shift = float(base_shift), float(max_shift)
+        self.use_token_shift = bool(use_token_shift)
+        self.sampler_defaults = dict(sampler or {})  # dict() also unwraps an OmegaConf node
+        unknown = sorted(set(self.sampler_defaults) - set(SAMPLER_KEYS))
+        if unknown:
+            raise SoraError(f"diffusion.sampler has unknown key {unknown[0]!r}; valid: {list(SAMPLER_KEYS)}")
+
+    def shift_for(self, num_tokens: int | None) -> float:
+        """The timestep shift for samples of `num_tokens` DiT tokens (also use it when sampling)."""
+        if not self.use_token_shift or num_tokens is None:
+            return self.base_shift
+        return token_shift(num_tokens, self.shift_base_tokens, self.base_shift, self.max_shift)
+
+    def training_losses(
+        self,
+        model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x0: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+        num_tokens: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One flow-matching training step's loss: sample t -> noise -> x_t -> predict -> MSE.
+
+        Args:
+            model_fn: (x_t (B, C, f, h, w), t (B,)) -> predicted velocity, same shape as x0.
+                Close over text and cond_mask, e.g. `lambda x, t: dit(x, t, text, mask, cond_mask)`.
+            x0: (B, C, f, h, w) clean latents.
+            cond_mask: (B, f) bool; True frames are context: given clean in x_t and left out
+                of the loss. None = no context (text-to-video).
+            num_tokens: DiT tokens per sample, for the token shift; None = base_shift.
+            generator: for t and noise; t and noise are drawn on its device.
+            noise: (B, C, f, h, w) eps to use instead of sampling it.
+            t: (B,) timesteps to use as given (no shift) instead of sampling them.
+        Returns:
+            {"loss": scalar mean over samples, "loss_per_sample": (B,) MSE over each sample's
+            generated frames (float32), "t": (B,) the timesteps used}.
+        """
+        B, f = x0.shape[0], x0.shape[2]
+        if cond_mask is not None and cond_mask.shape != (B, f):
+            raise SoraError(f"cond_mask must be (B, f)=({B}, {f}), got {tuple(cond_mask.shape)}")
+        if t is None:
+            t = self.timestep_sampler.sample(B, generator, device=x0.device)  # (B,)
+            t = shift_timesteps(t, self.shift_for(num_tokens))  # (B,)
+        if noise is None:
+            gen_device = generator.device if generator is not None else x0.device
+            noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+        t_b = t.to(x0.dtype)[:, None, None, None, None]  # (B, 1, 1, 1, 1)
+        x_t = (1 - t_b) * x0 + t_b * noise  # (B, C, f, h, w)
+        if cond_mask is not None:
+            x_t = torch.where(cond_mask[:, None, :, None, None], x0, x_t)  # context frames clean
+        v_pred = model_fn(x_t, t)  # (B, C, f, h, w)
+        target = noise - x0  # (B, C, f, h, w)
+        err = (v_pred.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # (B, f)
+        if cond_mask is None:
+            loss_per_sample = err.mean(dim=1)  # (B,)
+        else:
+            keep = (~cond_mask).float()  # (B, f)
+            loss_per_sample = (err * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B,); all-context -> 0
+        return {"loss": loss_per_sample.mean(), "loss_per_sample": loss_per_sample, "t": t}
+
+    def __repr__(self) -> str:
+        return (
+            f"FlowMatching({self.timestep_sampler!r}, shift_base_tokens={self.shift_base_tokens}, "
+            f"base_shift={self.base_shift}, max_shift={self.max_shift}, use_token_shift={self.use_token_shift})"
+        )
+
+
+DEFAULT_BIN_EDGES = tuple(i / 10 for i in range(11))
+
+
+def loss_by_timestep_bins(
+    loss_per_sample: torch.Tensor, t: torch.Tensor, edges=DEFAULT_BIN_EDGES
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-timestep-bin (loss sum, count), keyed "loss_t0.0-0.1", ..., for metrics such as
+    train/loss_t0.0-0.1 (sum across steps / ranks, then divide). The last bin includes its
+    upper edge. Tensors stay on device: no host sync here."""
+    edges_t = torch.as_tensor(edges, dtype=t.dtype, device=t.device)
+    idx = torch.bucketize(t, edges_t[1:-1], right=True)  # (B,) bin index in [0, K)
+    K = len(edges) - 1
+    loss = loss_per_sample.detach().float()
+    sums = torch.zeros(K, device=t.device).index_add_(0, idx, loss)  # (K,)
+    counts = torch.zeros(K, device=t.device).index_add_(0, idx, torch.ones_like(loss))  # (K,)
+    return {f"loss_t{_edge(edges[i])}-{_edge(edges[i + 1])}": (sums[i], counts[i]) for i in range(K)}
+
+
+def _edge(e: float) -> str:
+    return f"{e:.1f}" if round(e, 1) == e else f"{e:g}"

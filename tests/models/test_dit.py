@@ -1,0 +1,227 @@
+"""Invariants of the spacetime-patch DiT, on the debug size (CPU, milliseconds per call)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sora_train.models.dit import DIT_SIZES, DiT, build_dit
+from sora_train.models.dit.dit import apply_rope, grid_positions, rope_angles
+from sora_train.utils.errors import SoraError
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+C, TEXT_DIM, L = 4, 32, 6
+
+
+def make(**overrides) -> DiT:
+    torch.manual_seed(0)
+    return build_dit("debug", in_channels=C, text_dim=TEXT_DIM, **overrides)
+
+
+def inputs(B=2, f=3, h=4, w=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, f, h, w, generator=g)
+    t = torch.rand(B, generator=g)
+    text = torch.randn(B, L, TEXT_DIM, generator=g)
+    text_mask = torch.ones(B, L, dtype=torch.bool)
+    text_mask[0, 4:] = False  # sample 0 has 2 padded tokens
+    return x, t, text, text_mask
+
+
+@torch.no_grad()
+def perturb(model: DiT, std=0.05, seed=2) -> DiT:
+    """Move every weight off its init (zero-initialised ones included) so outputs are non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.mark.parametrize("patch,shape", [((1, 2, 2), (3, 6, 10)), ((2, 2, 2), (4, 6, 10)), ((1, 1, 1), (1, 3, 5))])
+def test_patchify_roundtrip(patch, shape):
+    model = make(patch_size=patch)
+    x = torch.randn(2, 5, *shape)
+    tokens, grid = model.patchify(x)
+    assert grid == tuple(s // p for s, p in zip(shape, patch))
+    assert tokens.shape == (2, grid[0] * grid[1] * grid[2], patch[0] * patch[1] * patch[2] * 5)
+    # token 0 is the patch at the origin, flattened (p_t, p_h, p_w, C)
+    first = x[:, :, : patch[0], : patch[1], : patch[2]].permute(0, 2, 3, 4, 1).reshape(2, -1)
+    torch.testing.assert_close(tokens[:, 0], first)
+    torch.testing.assert_close(model.unpatchify(tokens, grid), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape,dim", [((3, 4, 4), "f=3"), ((4, 5, 4), "h=5"), ((4, 4, 7), "w=7")])
+def test_shape_errors_name_the_dim(shape, dim):
+    model = make(patch_size=(2, 2, 2))
+    x, t, text, mask = inputs(f=shape[0], h=shape[1], w=shape[2])
+    with pytest.raises(SoraError, match=dim):
+        model(x, t, text, mask)
+    with pytest.raises(SoraError, match=dim):
+        model.patchify(x)
+
+
+def test_input_errors():
+    model = make()
+    x, t, text, mask = inputs()
+    with pytest.raises(SoraError, match="in_channels"):
+        model(torch.cat([x, x], 1), t, text, mask)
+    with pytest.raises(SoraError, match="cond_mask"):
+        model(x, t, text, mask, cond_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(SoraError, match="text_dim"):
+        model(x, t, text[..., :8], mask)
+    with pytest.raises(SoraError, match="size"):
+        build_dit("huge", C, TEXT_DIM)
+    with pytest.raises(SoraError, match="hidden_sise"):
+        build_dit("debug", C, TEXT_DIM, hidden_sise=3)
+    with pytest.raises(SoraError, match="num_heads"):
+        build_dit("debug", C, TEXT_DIM, num_heads=3)
+
+
+@torch.no_grad()
+def test_adaln_zero_identity_at_init():
+    model = make()
+    x, t, text, mask = inputs()
+    B, N, D = 2, 3 * 2 * 3, model.hidden_size
+    h = torch.randn(B, N, D)
+    c = torch.randn(B, D)
+    context = torch.randn(B, L, D)
+    rope = rope_angles(grid_positions((3, 2, 3)), model.head_dim)
+    for block in model.blocks:
+        torch.testing.assert_close(block(h, c, context, mask[:, None, None, :], rope), h, rtol=0, atol=0)
+    cond = torch.tensor([[True, False, False], [False, False, True]])
+    assert model(x, t, text, mask, cond).abs().max() == 0
+
+
+def test_rope_is_relative_and_any_shape():
+    head_dim, N = 32, 20
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, N, head_dim, generator=g).unbind(0)
+    pos = torch.randint(0, 50, (N, 3), generator=g).float()
+
+    def scores(positions):
+        cos, sin = rope_angles(positions, head_dim)
+        return apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).T  # (N, N)
+
+    torch.testing.assert_close(scores(pos + torch.tensor([7.0, -3.0, 11.0])), scores(pos), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(scores(pos * 2), scores(pos), atol=1e-3)  # positions do matter
+    # grids the model never saw: shapes follow the input, values stay finite
+    model = perturb(make()).eval()
+    for f, h, w in [(1, 2, 2), (5, 4, 6), (2, 12, 2), (9, 8, 8)]:
+        x, t, text, mask = inputs(f=f, h=h, w=w)
+        with torch.no_grad():
+            out = model(x, t, text, mask)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_padded_text_tokens_are_ignored():
+    model = perturb(make()).eval()
+    x, t, text, mask = inputs()
+    text2 = text.clone()
+    text2[0, 4:] = torch.randn(2, TEXT_DIM) * 10  # padded positions of sample 0
+    torch.testing.assert_close(model(x, t, text2, mask), model(x, t, text, mask))
+    text2[0, :4] += 1  # real tokens do matter
+    assert not torch.allclose(model(x, t, text2, mask)[0], model(x, t, text, mask)[0])
+    empty = mask.clone()
+    empty[1] = False  # contract violation: must not produce NaN
+    assert torch.isfinite(model(x, t, text, empty)).all()
+
+
+@torch.no_grad()
+def test_cond_mask_changes_output_only_when_model_nonzero():
+    model = make().eval()
+    x, t, text, mask = inputs()
+    cond = torch.zeros(2, 3, dtype=torch.bool)
+    cond[:, 0] = True
+    assert model(x, t, text, mask, cond).abs().max() == 0
+    perturb(model)
+    torch.testing.assert_close(model(x, t, text, mask, None), model(x, t, text, mask, torch.zeros_like(cond)))
+    assert not torch.allclose(model(x, t, text, mask, cond), model(x, t, text, mask, None))
+
+
+def test_gradients_reach_every_parameter():
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, t, text, mask = inputs()
+    cond = torch.tensor([[True, False, False], [False, False, False]])
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x, t, text, mask, cond) - x).pow(2).mean().backward()
+        opt.step()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+def test_activation_checkpointing_is_exact():
+    base = perturb(make())
+    ckpt = make(activation_checkpointing=True)
+    ckpt.load_state_dict(base.state_dict())
+    x, t, text, mask = inputs()
+    outs, grads = [], []
+    for model in (base, ckpt):
+        out = model(x, t, text, mask)
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_config_roundtrip():
+    model = make(patch_size=(2, 2, 2), out_channels=8)
+    cfg = json.loads(json.dumps(model.config()))
+    clone = DiT(**cfg)
+    assert clone.config() == model.config() and clone.num_params() == model.num_params()
+    assert model.num_params(exclude_embeddings=True) < model.num_params()
+
+
+@pytest.mark.parametrize("size,nominal", [("100M", 100e6), ("1B", 1e9), ("3B", 3e9)])
+def test_param_counts_on_meta(size, nominal):
+    with torch.device("meta"):
+        model = build_dit(size, in_channels=16, text_dim=4096)
+    assert abs(model.num_params() - nominal) / nominal < 0.35, model.num_params()
+
+
+def test_flops_match_flop_counter():
+    model = make()
+    x, t, text, mask = inputs(f=3, h=4, w=6)
+    N, B, D = 3 * 2 * 3, x.shape[0], model.hidden_size
+    # The counter sees every Linear but not the CPU flash-attention kernel: add QK^T and AV
+    # of self- and cross-attention by hand (4N^2D + 4NLD per block, x3 for training).
+    attention = model.depth * (4 * N * N * D + 4 * N * L * D)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, text, mask)
+    fwd = counter.get_total_flops() / B + attention
+    assert model.flops_per_step(N, L, training=False) == pytest.approx(fwd, rel=0.01)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, text, mask).sum().backward()
+    train = counter.get_total_flops() / B + 3 * attention
+    assert model.flops_per_step(N, L, training=True) == pytest.approx(train, rel=0.05)
+
+
+def test_flops_close_to_6_params_tokens():
+    with torch.device("meta"):
+        model = build_dit("100M", in_channels=16, text_dim=4096)
+    N = 256  # attention (4N^2 D) is small next to the matmuls (~56 N D^2)
+    ratio = model.flops_per_step(N, text_len=8) / (6 * model.num_params() * N)
+    # adaLN (6D^2 of ~22D^2 per block) and the text embedders act per sample, not per
+    # token, so model FLOPs sit somewhat below 6 * params * tokens.
+    assert 0.6 < ratio < 1.05, ratio
+    assert model.flops_per_step(4 * N, 8) > 4 * model.flops_per_step(N, 8)  # attention is quadratic
+
+
+@pytest.mark.parametrize("size", sorted(DIT_SIZES))
+def test_dit_configs_instantiate(size):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=[f"+dit={size}"])
+    with torch.device("meta"):
+        model = instantiate(cfg.dit)(in_channels=16, text_dim=4096)
+    assert isinstance(model, DiT) and model.activation_checkpointing is False
