@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
 
+import av  # noqa: F401  before decord: both bundle libvpx, and decord-first breaks VP9 encoding
 import numpy as np
 
 from sora_train.utils.errors import SoraError
@@ -63,8 +64,6 @@ def encode_video(
         raise ValueError(f"encode_video: expected uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
     if container not in _CONTAINER_CODECS:
         raise SoraError(f"unknown video container {container!r}; choose one of {sorted(_CONTAINER_CODECS)}")
-    import av  # lazy: only writers need it
-
     default_codec, pix_fmt = _CONTAINER_CODECS[container]
     codec = codec or default_codec
     if codec == "mjpeg":
@@ -120,7 +119,6 @@ def _decord_reader(data: bytes, width: int = -1, height: int = -1):
 def probe_video(data: bytes, backend: str = "decord") -> VideoInfo:
     """Frame count, fps and size from a video's bytes (decord opens the stream for real)."""
     if backend == "pyav":
-        import av
 
         with av.open(io.BytesIO(data)) as c:
             s = c.streams.video[0]
@@ -153,9 +151,14 @@ def decode_video(
         try:
             idx = list(range(len(vr))) if indices is None else [int(i) for i in indices]
             return vr.get_batch(idx).asnumpy()
+        except Exception as e:
+            # decord 0.6 mis-sizes its output buffer for a few small frame widths (16, 24, 48,
+            # 72 px: "DECORDArrayCopyFromTo: The size must exactly match"); PyAV reads those.
+            if "size must exactly match" in str(e):
+                return decode_video(data, indices, "pyav", width, height)
+            raise
         finally:
             del vr
-    import av
 
     wanted = None if indices is None else sorted(set(int(i) for i in indices))
     out: dict[int, np.ndarray] = {}
@@ -179,7 +182,6 @@ def decode_video(
 
 
 def read_container_metadata(data: bytes) -> dict[str, str]:
-    import av
 
     with av.open(io.BytesIO(data)) as c:
         return dict(c.metadata)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import torch
 
 
 def seed_everything(seed: int) -> int:
+    import torch  # lazy: data tools import utils and should not pay torch's start-up
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

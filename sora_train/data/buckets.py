@@ -1,0 +1,156 @@
+"""Buckets: the fixed set of (frames, height, width) shapes a run trains on.
+
+Sora-style training keeps every sample at (close to) native shape. We cannot batch ragged
+tensors, so each sample goes to the bucket of its kind (image = 1 frame, or video) whose
+aspect ratio is nearest to its own and whose length it can fill; each bucket has its own batch
+size, chosen so every batch costs about the same number of tokens (a token budget).
+
+Which bucket the j-th batch of an epoch comes from is drawn from a schedule that depends
+only on (seed, epoch, j) - so every rank and every DataLoader worker agrees on the shape of
+step j without talking to each other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from sora_train.utils.errors import SoraError
+
+
+@dataclass(frozen=True)
+class Bucket:
+    num_frames: int
+    height: int
+    width: int
+    batch_size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.num_frames}x{self.height}x{self.width}"
+
+    @property
+    def is_image(self) -> bool:
+        return self.num_frames == 1
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+    def pixels(self) -> int:
+        return self.num_frames * self.height * self.width
+
+
+class BucketTable:
+    """The buckets of a run and the rules for assigning samples and scheduling batches.
+
+    Args:
+        buckets: dicts with num_frames, height, width and either batch_size or nothing (then
+            ``tokens_per_batch`` decides).
+        tokens_per_batch: pixel-volume budget per batch, (F * H * W) summed over the batch;
+            a bucket's batch size is ``max(1, tokens_per_batch // (F * H * W))``.
+        image_ratio: fraction of batches drawn from image (1-frame) buckets. Any video can feed
+            an image bucket with one of its frames, so the ratio holds whatever the data.
+        weights: optional bucket name -> relative weight among video buckets (default: by
+            how many samples of the data set fit each bucket, from the shard index).
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[dict[str, Any] | Bucket],
+        tokens_per_batch: int | None = None,
+        image_ratio: float = 0.0,
+        weights: dict[str, float] | None = None,
+    ) -> None:
+        built = []
+        for i, b in enumerate(buckets):
+            if isinstance(b, Bucket):
+                built.append(b)
+                continue
+            b = dict(b)
+            unknown = set(b) - {"num_frames", "height", "width", "batch_size"}
+            if unknown:
+                raise SoraError(f"data.buckets[{i}]: unknown field(s) {sorted(unknown)}")
+            try:
+                f, h, w = int(b["num_frames"]), int(b["height"]), int(b["width"])
+            except KeyError as e:
+                raise SoraError(f"data.buckets[{i}]: missing field {e.args[0]!r} (need num_frames, height, width)") from None
+            bs = b.get("batch_size")
+            if bs is None:
+                if not tokens_per_batch:
+                    raise SoraError(f"data.buckets[{i}]: no batch_size and no data.tokens_per_batch to derive it")
+                bs = max(1, int(tokens_per_batch) // (f * h * w))
+            if min(f, h, w, int(bs)) < 1:
+                raise SoraError(f"data.buckets[{i}]: num_frames, height, width, batch_size must be >= 1, got {b}")
+            built.append(Bucket(f, h, w, int(bs)))
+        if not built:
+            raise SoraError("data.buckets is empty: give at least one (num_frames, height, width)")
+        names = [b.name for b in built]
+        if len(set(names)) != len(names):
+            raise SoraError(f"data.buckets has duplicate shapes: {names}")
+        if not 0.0 <= image_ratio <= 1.0:
+            raise SoraError(f"data.image_ratio must be in [0, 1], got {image_ratio}")
+        self.buckets = built
+        self.video = [b for b in built if not b.is_image]
+        self.images = [b for b in built if b.is_image]
+        if image_ratio > 0 and not self.images:
+            raise SoraError("data.image_ratio > 0 but no image bucket (num_frames: 1) is configured")
+        if image_ratio < 1 and not self.video:
+            image_ratio = 1.0
+        self.image_ratio = image_ratio
+        self.weights = {b.name: 1.0 for b in built}
+        if weights:
+            for name, wt in weights.items():
+                if name not in self.weights:
+                    raise SoraError(f"data.bucket_weights: unknown bucket {name!r}; buckets are {names}")
+                self.weights[name] = float(wt)
+
+    def by_name(self, name: str) -> Bucket:
+        for b in self.buckets:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def assign(self, num_frames: int, height: int, width: int, fps: float, target_fps: float | None, want_image: bool = False) -> Bucket | None:
+        """The bucket for a sample of this shape, or None when it fits none.
+
+        A video fits a video bucket when, after resampling to ``target_fps``, it has at least
+        the bucket's frames; among those, nearest aspect ratio wins, then the longest clip.
+        """
+        if num_frames <= 1 or want_image:
+            pool = self.images
+        else:
+            usable = num_frames if not target_fps or not fps else int(math.floor((num_frames - 1) * target_fps / fps)) + 1
+            pool = [b for b in self.video if b.num_frames <= usable]
+        if not pool:
+            return None
+        aspect = width / max(height, 1)
+        return min(pool, key=lambda b: (round(abs(math.log(b.aspect / aspect)), 3), -b.num_frames, -b.height))
+
+    def fit_weights_from_histogram(self, histogram: dict[str, int], target_fps: float | None, fps: float | None = None) -> None:
+        """Weight video buckets by how many samples of the data set they would receive."""
+        counts = {b.name: 0.0 for b in self.video}
+        for shape, n in histogram.items():
+            f, h, w = (int(x) for x in shape.split("x"))
+            b = self.assign(f, h, w, fps or 0.0, target_fps if fps else None)
+            if b is not None and not b.is_image:
+                counts[b.name] += n
+        total = sum(counts.values())
+        if total > 0:
+            for name, c in counts.items():
+                self.weights[name] = c / total
+
+    def schedule(self, seed: int, epoch: int, index: int) -> Bucket:
+        """The bucket of batch ``index`` of ``epoch``: identical on every rank and worker."""
+        rng = np.random.default_rng([seed, epoch, index, 0x5EED])
+        if self.images and (not self.video or rng.random() < self.image_ratio):
+            pool = self.images
+        else:
+            pool = self.video
+        w = np.array([self.weights[b.name] for b in pool], dtype=np.float64)
+        if w.sum() <= 0:
+            w = np.ones_like(w)
+        return pool[int(rng.choice(len(pool), p=w / w.sum()))]

@@ -1,0 +1,161 @@
+"""The ``data=`` config group's class: a LightningDataModule over shard sets."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from sora_train.data.buckets import BucketTable
+from sora_train.data.dataset import ShardVideoDataset, expand_shards
+from sora_train.data.shards import read_index
+from sora_train.utils.errors import SoraError
+
+
+class VideoDataModule(pl.LightningDataModule):
+    """Bucketed video/image batches from webdataset shards, with exact resume.
+
+    Args:
+        train_shards: shard spec for training (directory with index.json, glob, brace
+            pattern, URL, or a list).
+        val_shards: same for validation (None: no validation loader).
+        buckets: list of {num_frames, height, width[, batch_size]}.
+        tokens_per_batch: pixel budget per batch for buckets without a batch_size.
+        image_ratio: fraction of batches that are images (1-frame videos).
+        bucket_weights: bucket name -> weight among video buckets (default: from the index).
+        target_fps: resample videos to this rate (None: native).
+        num_workers: DataLoader worker processes per rank.
+        shuffle_buffer: samples per worker held for shuffling.
+        caption_probs: caption source -> probability (e.g. rewritten 0.8, original 0.2).
+        decoder: "decord" or "pyav".
+        max_skip_rate: corrupt-sample fraction that stops the run.
+        seed: data order seed (the same on every rank).
+        prepare: optional callable run once per node before loading (e.g. generate the
+            shapes world if it is missing).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        buckets: Sequence[dict[str, Any]],
+        val_shards: str | Sequence[str] | None = None,
+        tokens_per_batch: int | None = None,
+        image_ratio: float = 0.0,
+        bucket_weights: dict[str, float] | None = None,
+        target_fps: float | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 256,
+        caption_probs: dict[str, float] | None = None,
+        decoder: str = "decord",
+        max_skip_rate: float = 0.05,
+        seed: int = 0,
+        prepare: Callable[[], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.train_spec = train_shards if isinstance(train_shards, str) else list(train_shards)
+        self.val_spec = val_shards if (val_shards is None or isinstance(val_shards, str)) else list(val_shards)
+        self.bucket_cfg = [dict(b) for b in buckets]
+        self.tokens_per_batch = tokens_per_batch
+        self.image_ratio = image_ratio
+        self.bucket_weights = dict(bucket_weights) if bucket_weights else None
+        self.target_fps = target_fps
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.caption_probs = dict(caption_probs) if caption_probs else None
+        self.decoder = decoder
+        self.max_skip_rate = max_skip_rate
+        self.seed = seed
+        self.prepare = prepare
+        self.train_set: ShardVideoDataset | None = None
+        self.val_set: ShardVideoDataset | None = None
+        # worker -> next undelivered global batch index (consumed position, for resume)
+        self.next_index: dict[int, int] = {}
+        self.skipped_by_worker: dict[int, int] = {}
+
+    def make_buckets(self) -> BucketTable:
+        table = BucketTable(self.bucket_cfg, self.tokens_per_batch, self.image_ratio, self.bucket_weights)
+        if self.bucket_weights is None and isinstance(self.train_spec, str):
+            try:
+                index = read_index(self.train_spec)
+            except SoraError:
+                return table
+            fpss = {float(x) for x in index.get("fps_values", [])}
+            table.fit_weights_from_histogram(index.get("shape_histogram", {}), self.target_fps, fpss.pop() if len(fpss) == 1 else None)
+        return table
+
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            buckets = self.make_buckets()
+            common = dict(
+                buckets=buckets,
+                target_fps=self.target_fps,
+                seed=self.seed,
+                caption_probs=self.caption_probs,
+                decoder=self.decoder,
+                max_skip_rate=self.max_skip_rate,
+            )
+            self.train_set = ShardVideoDataset(self.train_spec, train=True, shuffle_buffer=self.shuffle_buffer, **common)
+            if self.val_spec is not None:
+                self.val_set = ShardVideoDataset(self.val_spec, train=False, **common)
+        self.train_set.resume_next_index = dict(self.next_index)
+
+    def _loader(self, ds: ShardVideoDataset) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=None,  # the dataset yields whole bucketed batches
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=2 if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        self.train_set.resume_next_index = dict(self.next_index)
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set)
+
+    # -- position tracking: the loader's place is part of the checkpoint ---------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = getattr(self, "trainer", None)
+        if isinstance(batch, dict) and "batch_index" in batch and trainer is not None and trainer.training:
+            workers = max(1, self.num_workers)
+            self.next_index[int(batch["worker"])] = int(batch["batch_index"]) + workers
+            self.skipped_by_worker[int(batch["worker"])] = int(batch["skipped"])
+        return batch
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_worker.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_index": {str(k): v for k, v in self.next_index.items()}, "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = {int(k): int(v) for k, v in state.get("next_index", {}).items()}
+        if int(state.get("num_workers", self.num_workers)) != self.num_workers and saved:
+            # Different worker count: restart after the furthest delivered batch of any worker.
+            # Exact only with the same worker count; say so instead of silently repeating data.
+            from sora_train.utils.logging import get_logger
+
+            get_logger(__name__).warning(
+                "resuming with data.num_workers=%d but the checkpoint used %s: data position is approximate",
+                self.num_workers, state.get("num_workers"),
+            )
+            furthest = max(saved.values())
+            w = max(1, self.num_workers)
+            saved = {i: furthest + ((i - furthest) % w) for i in range(w)}
+        self.next_index = saved
+        if self.train_set is not None:
+            self.train_set.resume_next_index = dict(saved)
+
+
+__all__ = ["VideoDataModule", "expand_shards"]

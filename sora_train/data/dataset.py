@@ -1,0 +1,402 @@
+"""The training stream: webdataset shards -> decoded, bucketed batches.
+
+One ``ShardVideoDataset`` instance runs in each DataLoader worker of each rank. It
+
+1. lists shards (local paths, directories with index.json, brace patterns or URLs that
+   ``webdataset.gopen`` understands: http(s)://, pipe:, s3 via pipe:),
+2. splits them by (rank, worker) - by shard when there are enough shards, else by sample,
+3. streams tar members (only an allowlist of extensions is kept; nothing is unpickled),
+4. shuffles through a seeded buffer,
+5. assigns each sample to a bucket from its json (no decoding needed for that), and
+6. emits batch j when the bucket schedule's bucket for j has enough samples - decoding
+   only then, with one short-lived decord reader per sample, only the frames needed.
+
+Batch j of the run (across epochs) comes from worker ``j % num_workers`` - the order in which
+torch's DataLoader reads workers - and its shape is ``buckets.schedule(seed, 0, j)`` on every
+rank. Exact resume therefore needs, per worker, the index of the next batch it has not
+delivered; each worker replays the batches before it from metadata alone (nothing is
+decoded while replaying) and goes on. A sample found corrupt at decode time before the
+checkpoint is replayed as if good, so the batch it was in may differ by that one sample.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from sora_train.data.buckets import Bucket, BucketTable
+from sora_train.data.transforms import crop_offsets, frame_indices, resize_for_crop, resize_frames
+from sora_train.data.video_io import DECODERS, IMAGE_EXTS, VIDEO_EXTS, decode_image, decode_video
+from sora_train.utils.errors import SoraError
+from sora_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+ALLOWED_EXTS = frozenset(VIDEO_EXTS + IMAGE_EXTS + ("json", "txt"))
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Shard list from a directory (with index.json), glob, brace pattern, URL or list of them."""
+    import braceexpand
+
+    from sora_train.data.shards import INDEX_NAME, shard_paths
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in specs:
+        s = str(s)
+        if "://" in s or s.startswith("pipe:"):
+            out.extend(braceexpand.braceexpand(s))
+        elif os.path.isdir(s):
+            if os.path.isfile(os.path.join(s, INDEX_NAME)):
+                out.extend(shard_paths(s))
+            else:
+                found = sorted(glob.glob(os.path.join(s, "*.tar")))
+                if not found:
+                    raise SoraError(f"data path {s} holds no index.json and no *.tar shards")
+                out.extend(found)
+        else:
+            matches: list[str] = []
+            for p in braceexpand.braceexpand(s):
+                matches.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
+            missing = [p for p in matches if not os.path.isfile(p)]
+            if missing or not matches:
+                raise SoraError(f"data path not found: {missing[0] if missing else s}")
+            out.extend(matches)
+    if not out:
+        raise SoraError(f"no shards found for {spec!r}")
+    return out
+
+
+def _open_stream(url: str):
+    if "://" in url or url.startswith("pipe:"):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    return open(url, "rb")
+
+
+def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Stream one tar: yields {"__key__", "__url__", ext: bytes} for allowlisted extensions.
+
+    A tar that ends early or is corrupt raises ``tarfile.TarError``/``OSError`` after the
+    samples before the damage were yielded; the caller counts it and moves on.
+    """
+    current: dict[str, Any] | None = None
+    with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            dirname, base = os.path.split(member.name)
+            stem, _, ext = base.partition(".")
+            key = f"{dirname}/{stem}" if dirname else stem
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            ext = ext.lower()
+            if ext in ALLOWED_EXTS:
+                f = tar.extractfile(member)
+                current[ext] = f.read() if f is not None else b""
+    if current is not None:
+        yield current
+
+
+@dataclass
+class _Pending:
+    key: str
+    meta: dict[str, Any]
+    media_ext: str
+    media: bytes
+    bucket: Bucket
+
+
+@dataclass
+class _WorkerState:
+    rank: int = 0
+    world: int = 1
+    worker: int = 0
+    num_workers: int = 1
+    seen: int = 0
+    skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardVideoDataset(IterableDataset):
+    """Bucketed batches of decoded video from webdataset shards (see module docstring).
+
+    Args:
+        shards: shard spec (see :func:`expand_shards`).
+        buckets: the bucket table.
+        target_fps: resample to this frame rate (None: native).
+        seed: shuffling, bucket schedule and crop randomness.
+        train: True = infinite, shuffled, random start/crop, scheduled buckets; False = one
+            ordered pass, centred, partial batches flushed at the end (validation).
+        shuffle_buffer: samples held for shuffling (per worker).
+        caption_probs: source -> probability of training on that caption (e.g.
+            {"rewritten": 0.8, "original": 0.2}); sources a sample lacks are renormalised away.
+        decoder: "decord" (default) or "pyav".
+        max_skip_rate: stop with an error when more than this fraction of samples is corrupt
+            (after ``min_samples_for_skip_check`` samples), rather than train on nothing.
+    """
+
+    def __init__(
+        self,
+        shards: str | list[str],
+        buckets: BucketTable,
+        target_fps: float | None = None,
+        seed: int = 0,
+        train: bool = True,
+        shuffle_buffer: int = 256,
+        caption_probs: dict[str, float] | None = None,
+        decoder: str = "decord",
+        max_skip_rate: float = 0.05,
+        min_samples_for_skip_check: int = 64,
+        max_pool: int = 4096,
+    ) -> None:
+        super().__init__()
+        if decoder not in DECODERS:
+            raise SoraError(f"data.decoder={decoder!r} is unknown; choose one of {list(DECODERS)}")
+        self.urls = expand_shards(shards)
+        self.buckets = buckets
+        self.target_fps = target_fps
+        self.seed = seed
+        self.train = train
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.caption_probs = dict(caption_probs or {})
+        self.decoder = decoder
+        self.max_skip_rate = max_skip_rate
+        self.min_samples_for_skip_check = min_samples_for_skip_check
+        self.max_pool = max_pool
+        # Resume point, set from the checkpoint before the DataLoader starts its workers:
+        # worker -> the first global batch index it has not delivered yet.
+        self.resume_next_index: dict[int, int] = {}
+
+    # -- sample stream -------------------------------------------------------------------------
+    def _consumer(self) -> _WorkerState:
+        rank, world = _dist_info()
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        return _WorkerState(rank=rank, world=world, worker=w, num_workers=n)
+
+    def _epoch_samples(self, st: _WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
+        consumers = st.world * st.num_workers
+        me = st.rank * st.num_workers + st.worker
+        urls = list(self.urls)
+        if self.train:
+            np.random.default_rng([self.seed, epoch, 0xC0FFEE]).shuffle(urls)
+        by_shard = len(urls) >= consumers
+        mine = urls[me::consumers] if by_shard else urls
+        counter = 0
+        for url in mine:
+            try:
+                for sample in iter_tar_samples(url):
+                    if not by_shard:
+                        counter += 1
+                        if (counter - 1) % consumers != me:
+                            continue
+                    yield sample
+            except (tarfile.TarError, OSError, EOFError) as e:
+                self._count_skip(st, "unreadable_shard")
+                log.warning("skipping the rest of shard %s: %s", url, e)
+
+    def _shuffled(self, st: _WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
+        if not self.train:
+            yield from self._epoch_samples(st, epoch)
+            return
+        rng = np.random.default_rng([self.seed, epoch, st.rank, st.worker, 0xB0FF])
+        buf: list[dict[str, Any]] = []
+        for sample in self._epoch_samples(st, epoch):
+            if len(buf) < self.shuffle_buffer:
+                buf.append(sample)
+                continue
+            i = int(rng.integers(len(buf)))
+            buf[i], sample = sample, buf[i]
+            yield sample
+        rng.shuffle(buf)  # type: ignore[arg-type]
+        yield from buf
+
+    def _count_skip(self, st: _WorkerState, reason: str) -> None:
+        st.skipped += 1
+        st.skip_reasons[reason] = st.skip_reasons.get(reason, 0) + 1
+        total = st.seen + st.skipped
+        if total >= self.min_samples_for_skip_check and st.skipped / total > self.max_skip_rate:
+            raise SoraError(
+                f"{st.skipped} of {total} samples could not be used (by reason: {st.skip_reasons}); "
+                f"more than data.max_skip_rate={self.max_skip_rate}. Check the shards with `sora-data probe`."
+            )
+
+    def _to_pending(self, st: _WorkerState, sample: dict[str, Any], want_image: bool = False) -> _Pending | None:
+        key = sample["__key__"]
+        media_ext = next((e for e in VIDEO_EXTS + IMAGE_EXTS if e in sample), None)
+        if media_ext is None or "json" not in sample:
+            self._count_skip(st, "missing_media_or_json")
+            return None
+        try:
+            meta = json.loads(sample["json"])
+            f, h, w = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
+            fps = float(meta.get("fps") or 0.0)
+        except (ValueError, KeyError, TypeError):
+            self._count_skip(st, "bad_json")
+            return None
+        bucket = self.buckets.assign(f, h, w, fps, self.target_fps, want_image=want_image)
+        if bucket is None:
+            self._count_skip(st, "fits_no_bucket")
+            return None
+        return _Pending(key, meta, media_ext, sample[media_ext], bucket)
+
+    # -- batches -------------------------------------------------------------------------------
+    def _choose_caption(self, meta: dict[str, Any], rng: np.random.Generator) -> str:
+        caps = meta.get("captions") or {}
+        if self.caption_probs and isinstance(caps, dict):
+            options = [(src, p) for src, p in self.caption_probs.items() if p > 0 and isinstance(caps.get(src), str) and caps[src]]
+            if options:
+                p = np.array([o[1] for o in options], dtype=np.float64)
+                return caps[options[int(rng.choice(len(options), p=p / p.sum()))][0]]
+        return str(meta.get("caption") or "")
+
+    def _decode(self, item: _Pending, bucket: Bucket, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """-> frames (F, H, W, 3) uint8 at the bucket's shape, effective fps."""
+        meta = item.meta
+        f, h, w = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
+        fps = float(meta.get("fps") or 0.0)
+        rh, rw = resize_for_crop(h, w, bucket.height, bucket.width)
+        if item.media_ext in IMAGE_EXTS:
+            frames = decode_image(item.media)  # (1, H, W, 3)
+            out_fps = fps
+        else:
+            if bucket.is_image:
+                idx: list[int] | None = [int(rng.integers(f)) if self.train else f // 2]
+                out_fps = 0.0
+            else:
+                idx = frame_indices(f, fps, bucket.num_frames, self.target_fps, rng if self.train else None, random_start=self.train)
+                out_fps = float(self.target_fps or fps)
+            if idx is None:
+                raise ValueError("clip shorter than its bucket")
+            if self.decoder == "decord":
+                frames = decode_video(item.media, idx, backend="decord", width=rw, height=rh)
+            else:
+                frames = decode_video(item.media, idx, backend=self.decoder)
+        frames = resize_frames(frames, rh, rw)  # no-op when the decoder already resized
+        if frames.shape[0] != bucket.num_frames:
+            raise ValueError(f"decoded {frames.shape[0]} frames, bucket needs {bucket.num_frames}")
+        top, left = crop_offsets(frames.shape[1], frames.shape[2], bucket.height, bucket.width, rng if self.train else None)
+        return frames[:, top : top + bucket.height, left : left + bucket.width], out_fps
+
+    def _emit(self, st: _WorkerState, index: int, bucket: Bucket, items: list[_Pending]) -> dict[str, Any] | None:
+        videos, captions, fpss, keys = [], [], [], []
+        for i, item in enumerate(items):
+            rng = np.random.default_rng([self.seed, index, i, 0xDEC0])
+            try:
+                frames, fps = self._decode(item, bucket, rng)
+            except Exception as e:  # a corrupt sample must not kill the run: count it, go on
+                self._count_skip(st, "decode_error")
+                log.warning("skipping sample %s: %s", item.key, e)
+                continue
+            st.seen += 1
+            videos.append(torch.from_numpy(np.ascontiguousarray(frames)))  # (F, H, W, 3) uint8
+            captions.append(self._choose_caption(item.meta, rng))
+            fpss.append(fps)
+            keys.append(item.key)
+        if not videos:
+            return None
+        video = torch.stack(videos).permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)  # (B, 3, F, H, W) in [-1, 1]
+        return {
+            "video": video,
+            "caption": captions,
+            "fps": torch.tensor(fpss, dtype=torch.float32),
+            "key": keys,
+            "bucket": bucket.name,
+            "batch_index": index,
+            "worker": st.worker,
+            "skipped": st.skipped,
+            "seen": st.seen,
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        st = self._consumer()
+        if not self.train:
+            yield from self._iter_eval(st)
+            return
+        pools: dict[str, list[_Pending]] = {b.name: [] for b in self.buckets.buckets}
+        video_pool_for_images: list[_Pending] = []
+        stream = self._forever(st)
+        index = st.worker  # global batch indices of this worker: worker, worker + N, ...
+        start = self.resume_next_index.get(st.worker, st.worker)
+        while True:
+            bucket = self.buckets.schedule(self.seed, 0, index)
+            pool = pools[bucket.name]
+            while len(pool) < bucket.batch_size:
+                if bucket.is_image and video_pool_for_images:
+                    # any video can feed an image bucket with one of its frames
+                    v = video_pool_for_images.pop(0)
+                    pools[v.bucket.name].remove(v)
+                    pool.append(_Pending(v.key, v.meta, v.media_ext, v.media, bucket))
+                    continue
+                item = self._to_pending(st, next(stream))
+                if item is None:
+                    continue
+                pools[item.bucket.name].append(item)
+                if not item.bucket.is_image and self.buckets.images:
+                    video_pool_for_images.append(item)
+                if sum(len(p) for p in pools.values()) > self.max_pool:
+                    raise SoraError(
+                        f"bucket pools exceeded {self.max_pool} samples waiting for bucket {bucket.name}: "
+                        "the data has (almost) no samples for it; remove the bucket or fix data.bucket_weights"
+                    )
+            batch_items, pools[bucket.name] = pool[: bucket.batch_size], pool[bucket.batch_size :]
+            for it in batch_items:
+                if it in video_pool_for_images:
+                    video_pool_for_images.remove(it)
+            if index >= start:
+                batch = self._emit(st, index, bucket, batch_items)
+                if batch is not None:
+                    yield batch
+            index += st.num_workers
+
+    def _forever(self, st: _WorkerState) -> Iterator[dict[str, Any]]:
+        for epoch in range(1_000_000):  # bounded: a run ends by max_steps long before this
+            empty = True
+            for sample in self._shuffled(st, epoch):
+                empty = False
+                yield sample
+            if empty:
+                raise SoraError(f"no samples for rank {st.rank} worker {st.worker} in shards {self.urls[:3]}...")
+
+    def _iter_eval(self, st: _WorkerState) -> Iterator[dict[str, Any]]:
+        pools: dict[str, list[_Pending]] = {}
+        index = st.worker
+        for sample in self._shuffled(st, 0):
+            item = self._to_pending(st, sample)
+            if item is None:
+                continue
+            pool = pools.setdefault(item.bucket.name, [])
+            pool.append(item)
+            if len(pool) >= item.bucket.batch_size:
+                batch = self._emit(st, index, item.bucket, pool)
+                pools[item.bucket.name] = []
+                index += st.num_workers
+                if batch is not None:
+                    yield batch
+        for name, pool in pools.items():
+            if pool:
+                batch = self._emit(st, index, self.buckets.by_name(name), pool)
+                index += st.num_workers
+                if batch is not None:
+                    yield batch
