@@ -1,0 +1,167 @@
+"""sora-sample: generate videos from a trained export (safetensors; nothing is unpickled).
+
+  text to video:   sora-sample --ckpt EXPORT --prompt "a small red circle moving left"
+  batch of prompts sora-sample --ckpt EXPORT --prompts-file prompts.txt --out samples/
+  image to video:  sora-sample --ckpt EXPORT --prompt "..." --image first.png
+  extend:          sora-sample --ckpt EXPORT --prompt "..." --extend clip.mp4 [--backward]
+  interpolate:     sora-sample --ckpt EXPORT --prompt "..." --interpolate a.png b.png
+  edit:            sora-sample --ckpt EXPORT --prompt "..." --edit clip.mp4 --strength 0.6
+  expand prompts:  sora-sample --ckpt EXPORT --prompt "a kite" --rewriter template
+
+Every video carries container metadata saying it is AI-generated, with the model's hash and
+both the given and the expanded prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from sora_train.cli.common import one_line_errors
+from sora_train.utils.errors import SoraError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sora-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="export directory (model.json + model.safetensors), e.g. RUN_DIR/export")
+    p.add_argument("--vae", help="export holding the VAE, when the DiT export has none")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
+    src.add_argument("--prompts-file", help="one prompt per line (blank lines and # comments skipped)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--image", help="image-to-video: the first frame")
+    mode.add_argument("--extend", metavar="VIDEO", help="extend this video (forward; --backward for before it)")
+    mode.add_argument("--interpolate", nargs=2, metavar=("FIRST", "LAST"), help="generate between two images")
+    mode.add_argument("--edit", metavar="VIDEO", help="video-to-video edit with the prompt")
+    p.add_argument("--backward", action="store_true", help="with --extend: generate what comes before")
+    p.add_argument("--strength", type=float, default=0.6, help="with --edit: noise level to restart from (0..1)")
+    p.add_argument("--context-latents", type=int, help="with --extend: latent frames of the video to keep as context")
+    p.add_argument("--frames", type=int, help="frames (default: the training clip length, 1 + k * temporal factor)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--steps", type=int, help="ODE steps (default: the export's)")
+    p.add_argument("--method", choices=("euler", "heun"))
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--negative-prompt", default="", help="text to steer away from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw DiT weights instead of the EMA")
+    p.add_argument("--rewriter", help="expand prompts with this conf/rewriter option first (e.g. template, openai)")
+    p.add_argument("--rewriter-opt", action="append", default=[], metavar="KEY=VALUE", help="override a re-writer option (repeatable)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", default="outputs/samples", help="output directory")
+    return p
+
+
+def load_rewriter(name: str | None, overrides: list[str]):
+    if not name:
+        return None
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="sora_train.conf", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[f"rewriter={name}"] + [f"rewriter.{o}" for o in overrides])
+    except Exception as e:
+        raise SoraError(f"--rewriter {name}: {str(e).splitlines()[0]}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return instantiate(cfg.rewriter)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SoraError(f"--prompts-file {path}: no such file")
+        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        if not prompts:
+            raise SoraError(f"--prompts-file {path}: holds no prompts")
+        return prompts
+    if args.prompt:
+        return list(args.prompt)
+    raise SoraError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+
+
+def read_image(path: str) -> np.ndarray:
+    from sora_train.data.video_io import decode_image
+
+    p = Path(path)
+    if not p.is_file():
+        raise SoraError(f"image {p}: no such file")
+    try:
+        return decode_image(p.read_bytes())[0]  # (H, W, 3)
+    except Exception as e:
+        raise SoraError(f"image {p}: cannot decode ({e})") from None
+
+
+def read_video(path: str) -> tuple[np.ndarray, float]:
+    from sora_train.data.video_io import decode_video, probe_video
+
+    p = Path(path)
+    if not p.is_file():
+        raise SoraError(f"video {p}: no such file")
+    data = p.read_bytes()
+    try:
+        return decode_video(data), probe_video(data).fps  # (F, H, W, 3)
+    except Exception as e:
+        raise SoraError(f"video {p}: cannot decode ({e})") from None
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from sora_train.training.pipeline import VideoPipeline
+
+    prompts = read_prompts(args)
+    pipe = VideoPipeline.from_export(args.ckpt, use_ema=not args.no_ema, rewriter=load_rewriter(args.rewriter, args.rewriter_opt), vae_path=args.vae)
+    shape = pipe.meta.get("train_shape") or {}
+    frames = args.frames or shape.get("num_frames") or 1 + 4 * pipe.vae.temporal_factor
+    height = args.height or shape.get("height") or 32
+    width = args.width or shape.get("width") or 32
+
+    kwargs: dict = {}
+    mode = "t2v"
+    if args.image:
+        mode, kwargs["image"] = "i2v", read_image(args.image)
+    elif args.extend:
+        mode = "extend_backward" if args.backward else "extend_forward"
+        kwargs["video"], _ = read_video(args.extend)
+        kwargs["context_latents"] = args.context_latents
+    elif args.interpolate:
+        mode = "interpolate"
+        kwargs["image"], kwargs["last_image"] = read_image(args.interpolate[0]), read_image(args.interpolate[1])
+    elif args.edit:
+        mode = "edit"
+        kwargs["video"], _ = read_video(args.edit)
+        kwargs["strength"] = args.strength
+    elif args.backward:
+        raise SoraError("--backward goes with --extend VIDEO")
+
+    torch.set_grad_enabled(False)
+    out = Path(args.out)
+    written = []
+    with Progress(transient=False) as bar:
+        task = bar.add_task(f"sampling ({mode})", total=len(prompts))
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start : start + args.batch_size]
+            gen = pipe.generate(chunk, frames, height, width, mode=mode, steps=args.steps, method=args.method,
+                                guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                                seed=args.seed + start, **kwargs)
+            written += pipe.save(gen, out, fps=args.fps, stem=f"{mode}_{start:04d}")
+            bar.advance(task, len(chunk))
+    index = [{"video": str(p), "prompt": prompts[i]} for i, p in enumerate(written)]
+    (out / "samples.json").write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {len(written)} videos to {out}/")
+
+
+if __name__ == "__main__":
+    main()

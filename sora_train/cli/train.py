@@ -1,0 +1,141 @@
+"""sora-train: train the video VAE or the diffusion transformer from a composed config.
+
+  demo on CPU:          sora-train experiment=demo_vae && sora-train experiment=demo
+  1 GPU:                sora-train experiment=pretrain_100M trainer=gpu
+  1 node, 8 GPUs:       sora-train experiment=pretrain_1B trainer=gpu trainer.devices=8 strategy=deepspeed_stage_2
+  2 nodes on Slurm:     sora-train -m experiment=pretrain_1B launcher=slurm hydra.launcher.nodes=2
+  fine-tune:            sora-train experiment=finetune_lora init_from=outputs/.../export data.train_shards=my_shards/
+  sweep:                sora-train -m hparams_search=dit_lr
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sora_train.utils.errors import SoraError
+from sora_train.utils.logging import get_logger
+
+log = get_logger("sora_train.train")
+
+
+def _instantiate(cfg: Any, **kwargs: Any) -> Any:
+    from hydra.utils import instantiate
+
+    return instantiate(cfg, **kwargs)
+
+
+def _is_vae_task(cfg: DictConfig) -> bool:
+    from hydra.utils import get_class
+
+    from sora_train.training.vae_module import VAEModule
+
+    return issubclass(get_class(cfg.task._target_), VAEModule)
+
+
+def build_module(cfg: DictConfig):
+    """The LightningModule of the run with every part built from the config."""
+    from sora_train.training.export import load_parts
+
+    optimizer = _instantiate(cfg.optimizer)
+    scheduler = _instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    if _is_vae_task(cfg):
+        vae = _instantiate(cfg.vae)
+        if cfg.init_from:
+            vae.load_state_dict(load_parts(cfg.init_from, ["vae"])[0]["vae"].state_dict())
+        return _instantiate(cfg.task, vae=vae, optimizer=optimizer, scheduler=scheduler, gradient_clip_val=cfg.trainer.get("gradient_clip_val"))
+
+    if cfg.vae_ckpt:
+        vae = load_parts(cfg.vae_ckpt, ["vae"])[0].get("vae")
+        if vae is None:
+            raise SoraError(f"vae_ckpt={cfg.vae_ckpt}: the export holds no 'vae' part")
+    else:
+        log.warning("vae_ckpt is not set: the DiT trains in the latent space of an untrained VAE (fine for smoke tests only)")
+        vae = _instantiate(cfg.vae)
+    text = _instantiate(cfg.text)
+    flow = _instantiate(cfg.diffusion)
+    module = _instantiate(cfg.task, vae=vae, text_encoder=text, dit=_instantiate(cfg.dit), flow=flow, optimizer=optimizer, scheduler=scheduler)
+    if cfg.init_from:
+        parts, _ = load_parts(cfg.init_from, ["dit", "ema", "text"])
+        src = parts.get("ema") or parts.get("dit")
+        if src is None:
+            raise SoraError(f"init_from={cfg.init_from}: the export holds no 'dit' or 'ema' part")
+        module.dit.load_state_dict(src.state_dict())
+        if "text" in parts and getattr(text, "trainable", False):
+            module.text_encoder.load_state_dict(parts["text"].state_dict())
+        log.info("initialised from %s", cfg.init_from)
+    return module
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [_instantiate(c) for _, c in (cfg.get("callbacks") or {}).items() if c is not None and "_target_" in c]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [_instantiate(c) for _, c in (cfg.get("logger") or {}).items() if c is not None and "_target_" in c]
+
+
+def export_run(cfg: DictConfig, module, datamodule, run_dir: Path) -> Path | None:
+    """Write run_dir/export: safetensors weights + model.json (what sora-sample reads)."""
+    from sora_train.training.export import export_parts
+
+    meta = {"task": "vae" if _is_vae_task(cfg) else "dit", "step": int(module.global_step), "sampler": OmegaConf.to_container(cfg.diffusion.get("sampler") or {}, resolve=True), "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True)}
+    if meta["task"] == "vae":
+        from sora_train.models.vae import compute_latent_stats
+
+        # Latent scale/shift for the diffusion model, measured on training data.
+        loader = datamodule.train_dataloader()
+        batches = (b["video"] for b in loader)
+        shift, scale = compute_latent_stats(module.vae, batches, max_batches=int(cfg.get("latent_stats_batches", 8)))
+        module.vae.set_latent_stats(shift, scale)
+        return export_parts(run_dir / "export", {"vae": module.vae}, meta)
+    buckets = datamodule.make_buckets()
+    first = (buckets.video or buckets.buckets)[0]
+    meta["train_shape"] = {"num_frames": first.num_frames, "height": first.height, "width": first.width}
+    parts = {"vae": module.vae, "text": module.text_encoder, "dit": module.dit}
+    if getattr(module, "ema", None) is not None:
+        parts["ema"] = module.ema
+    weights = {"text": bool(getattr(module.text_encoder, "trainable", True))}
+    return export_parts(run_dir / "export", parts, meta, weights=weights)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Build data -> model -> callbacks -> loggers -> trainer, fit, export; returns the metric
+    a sweeper optimises (``optimized_metric``)."""
+    import lightning.pytorch as pl
+
+    from sora_train.training.callbacks.checkpoint import find_resume_checkpoint
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    datamodule = _instantiate(cfg.data)
+    module = build_module(cfg)
+    strategy = _instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
+    trainer_kwargs: dict[str, Any] = {}
+    if _is_vae_task(cfg):
+        trainer_kwargs["gradient_clip_val"] = None  # manual optimisation clips in the module
+    trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, strategy=strategy, **trainer_kwargs)
+    ckpt = find_resume_checkpoint(cfg.get("resume"), run_dir)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+
+    if cfg.get("export") and trainer.is_global_zero:
+        out = export_run(cfg, module, datamodule, run_dir)
+        log.info("exported weights to %s", out)
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
+    return float(metric) if metric is not None else None
+
+
+def main() -> None:
+    from sora_train.cli.common import run_hydra
+
+    run_hydra(train, "train")
+
+
+if __name__ == "__main__":
+    main()

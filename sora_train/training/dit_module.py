@@ -1,0 +1,153 @@
+"""The DiT training task: encode -> sample t -> noise -> predict -> loss.
+
+Frozen parts (the VAE, a pretrained text encoder) are held here but never optimised; the DiT
+(and a small built-in text encoder, when one is used) is. EMA, sample videos, throughput and
+checkpoint policy live in callbacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from sora_train.diffusion.flow import FlowMatching, loss_by_timestep_bins
+from sora_train.diffusion.masks import ConditionSampler
+
+DEFAULT_LOSS_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class DiTModule(pl.LightningModule):
+    """Flow-matching training of a spacetime-patch DiT in a frozen VAE's latent space.
+
+    Args:
+        dit: a DiT, or a callable ``(in_channels, text_dim) -> DiT`` (the config's partial).
+        vae: the frozen video VAE (None when training from latent shards only).
+        text_encoder: text encoder; trained with the DiT when ``text_encoder.trainable``.
+        flow: the flow-matching objective.
+        conditioning: samples which latent frames are given as clean context (t2v, i2v,
+            extension, interpolation) for each training sample.
+        optimizer: ``params -> Optimizer`` (config partial).
+        scheduler: optional ``optimizer -> LRScheduler`` (config partial), stepped per step.
+        caption_dropout: probability of training on the empty caption, so classifier-free
+            guidance has an unconditional model to contrast with.
+        loss_bins: timestep bin edges for ``train/loss_t{a}-{b}``.
+    """
+
+    def __init__(
+        self,
+        dit: nn.Module | Callable[..., nn.Module],
+        text_encoder: nn.Module,
+        flow: FlowMatching,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        vae: nn.Module | None = None,
+        conditioning: ConditionSampler | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        caption_dropout: float = 0.1,
+        loss_bins: tuple[float, ...] = DEFAULT_LOSS_BINS,
+    ) -> None:
+        super().__init__()
+        self.vae = vae
+        if vae is not None:
+            vae.requires_grad_(False).eval()
+        self.text_encoder = text_encoder
+        if not getattr(text_encoder, "trainable", True):
+            text_encoder.requires_grad_(False).eval()
+        latent_channels = vae.latent_channels if vae is not None else None
+        if not isinstance(dit, nn.Module):
+            if latent_channels is None:
+                raise ValueError("DiTModule: pass a built DiT when there is no VAE to size it from")
+            dit = dit(in_channels=latent_channels, text_dim=text_encoder.dim)
+        self.dit = dit
+        self.flow = flow
+        self.conditioning = conditioning
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.caption_dropout = caption_dropout
+        self.loss_bins = tuple(loss_bins)
+
+    # -- the recipe ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_video(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Batch -> normalised latents (B, C, f, h, w): from latent shards or through the VAE."""
+        if "latent" in batch:
+            return batch["latent"].float()
+        assert self.vae is not None, "pixel batches need a VAE"
+        self.vae.eval()
+        posterior = self.vae.encode(batch["video"])  # (B, C, f, h, w)
+        return self.vae.normalize(posterior.sample())
+
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and self.caption_dropout > 0:
+            drop = torch.rand(len(captions)) < self.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        if getattr(self.text_encoder, "trainable", True):
+            return self.text_encoder(captions)
+        with torch.no_grad():
+            return self.text_encoder(captions)
+
+    def diffusion_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        latents = self.encode_video(batch)  # (B, C, f, h, w)
+        text, text_mask = self.encode_text(list(batch["caption"]))  # (B, L, D), (B, L)
+        B, _, f, h, w = latents.shape
+        cond_mask = self.conditioning.sample(B, f).to(latents.device) if self.conditioning is not None else None  # (B, f)
+        pt, ph, pw = self.dit.patch_size
+        num_tokens = (f // pt) * (h // ph) * (w // pw)
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.dit(x_t, t, text, text_mask, cond_mask)
+
+        out = self.flow.training_losses(model_fn, latents, cond_mask=cond_mask, num_tokens=num_tokens)
+        out["num_tokens"] = torch.tensor(num_tokens * B)
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.diffusion_loss(batch)
+        bs = len(batch["caption"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        for name, (total, count) in loss_by_timestep_bins(out["loss_per_sample"].detach(), out["t"], self.loss_bins).items():
+            if count > 0:
+                self.log(f"train/{name}", total / count, batch_size=int(count))
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Fixed noise and timesteps per batch so validation curves compare across steps.
+        g = torch.Generator().manual_seed(1234 + batch_idx)
+        latents = self.encode_video(batch)
+        text, text_mask = self.text_encoder(list(batch["caption"]))
+        B = latents.shape[0]
+        t = (torch.arange(B, dtype=torch.float32) + 0.5) / B  # evenly spread timesteps
+        noise = torch.randn(latents.shape, generator=g).to(latents)
+
+        def model_fn(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+            return self.dit(x_t, tt, text, text_mask, None)
+
+        out = self.flow.training_losses(model_fn, latents, cond_mask=None, noise=noise, t=t.to(latents))
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=B, sync_dist=True)
+        for name, (total, count) in loss_by_timestep_bins(out["loss_per_sample"], out["t"], self.loss_bins).items():
+            if count > 0:
+                self.log(f"val/{name}", total / count, batch_size=int(count), sync_dist=True)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def trainable_modules(self) -> list[nn.Module]:
+        mods: list[nn.Module] = [self.dit]
+        if getattr(self.text_encoder, "trainable", True):
+            mods.append(self.text_encoder)
+        return mods
+
+    def configure_optimizers(self):
+        params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    def train(self, mode: bool = True):  # frozen parts stay in eval mode
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()
+        if not getattr(self.text_encoder, "trainable", True):
+            self.text_encoder.eval()
+        return self

@@ -1,0 +1,97 @@
+"""Model export: weights as safetensors + a JSON of how to rebuild each part.
+
+Sampling, evaluation and fine-tuning read exports, never Lightning/DeepSpeed checkpoints, so
+nothing a user is handed is ever unpickled. Layout of an export directory:
+
+    model.safetensors   tensors, prefixed by part: "vae.", "text.", "dit.", "ema."
+    model.json          {"parts": {name: {"target": "pkg.Class", "config": {...}}}, "meta": {...}}
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sora_train.utils.errors import SoraError
+from sora_train.utils.io import atomic_write_json, sha256_file
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "model.json"
+
+
+def class_path(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    if not module.startswith("sora_train."):
+        raise SoraError(f"{CONFIG_NAME}: refusing to build {path!r}: only sora_train classes are allowed")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise SoraError(f"{CONFIG_NAME}: cannot import {path!r} ({e})") from e
+
+
+def export_parts(out_dir: str | Path, parts: dict[str, nn.Module], meta: dict[str, Any] | None = None, weights: dict[str, bool] | None = None) -> Path:
+    """Write ``parts`` (name -> module with a ``config()`` method) to ``out_dir``.
+
+    ``weights[name] = False`` records a part's config without its tensors (e.g. a frozen
+    pretrained text encoder that is loaded from its own folder).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    spec: dict[str, Any] = {}
+    for name, module in parts.items():
+        if not hasattr(module, "config"):
+            raise TypeError(f"part {name!r} ({class_path(module)}) has no config() to rebuild it from")
+        spec[name] = {"target": class_path(module), "config": module.config()}
+        if weights is None or weights.get(name, True):
+            for k, v in module.state_dict().items():
+                tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
+    tmp = out / f".{WEIGHTS_NAME}.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(out / WEIGHTS_NAME)
+    atomic_write_json(out / CONFIG_NAME, {"parts": spec, "meta": meta or {}})
+    return out
+
+
+def load_parts(export_dir: str | Path, names: list[str] | None = None, map_location: str = "cpu") -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """Rebuild parts from an export; returns ({name: module in eval mode}, meta)."""
+    from safetensors.torch import load_file
+
+    d = Path(export_dir)
+    if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+        raise SoraError(f"{d} is not a sora_train export (needs {CONFIG_NAME} and {WEIGHTS_NAME}); make one with sora-train or `sora-train ... export`")
+    spec = json.loads((d / CONFIG_NAME).read_text())
+    state = load_file(str(d / WEIGHTS_NAME), device=map_location)
+    modules: dict[str, nn.Module] = {}
+    for name, part in spec["parts"].items():
+        if names is not None and name not in names:
+            continue
+        cls = import_class(part["target"])
+        module = cls(**part["config"])
+        prefix = f"{name}."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            missing, unexpected = module.load_state_dict(sub, strict=False)
+            if unexpected or [m for m in missing if not _is_derived(m)]:
+                raise SoraError(f"{d / WEIGHTS_NAME}: part {name!r} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        modules[name] = module.eval()
+    meta = dict(spec.get("meta", {}))
+    meta["weights_sha256"] = sha256_file(d / WEIGHTS_NAME)
+    return modules, meta
+
+
+def _is_derived(key: str) -> bool:
+    # Non-persistent caches (e.g. rotary tables) are rebuilt by the module itself.
+    return key.endswith(("_cache", ".freqs"))
