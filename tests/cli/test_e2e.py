@@ -1,0 +1,143 @@
+"""End to end through the real command-line entry points, in subprocesses, on tiny models:
+train -> checkpoint -> resume -> export -> sample in every mode; and the demo chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sora_train.data.video_io import decode_video, read_container_metadata
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], env_extra: dict | None = None, timeout: int = 600, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PATH": f"{BIN}:{os.environ['PATH']}", **(env_extra or {})}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("smoke")
+    run_dir, data = base / "run", base / "data"
+    run([str(BIN / "sora-train"), "experiment=smoke", f"hydra.run.dir={run_dir}", f"paths.data_dir={data}"])
+    return run_dir, data
+
+
+def _decodes(path: Path) -> np.ndarray:
+    frames = decode_video(path.read_bytes())
+    assert frames.ndim == 4 and frames.shape[-1] == 3 and frames.shape[0] >= 1
+    return frames
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_plots_samples_and_export(smoke_run):
+    run_dir, _ = smoke_run
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "step=00000004.ckpt" in ckpts and "last.ckpt" in ckpts
+    assert not [c for c in ckpts if c.endswith(".partial")]
+    from PIL import Image
+
+    assert Image.open(run_dir / "plots" / "loss.png").size[0] > 100
+    history = json.loads((run_dir / "plots" / "loss_history.json").read_text())
+    assert len(history["train/loss"]) >= 3
+    samples = sorted((run_dir / "samples").rglob("*.mp4"))
+    assert samples and _decodes(samples[0]).shape[1:3] == (32, 32)
+    spec = json.loads((run_dir / "export" / "model.json").read_text())
+    assert set(spec["parts"]) >= {"vae", "text", "dit", "ema"}
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_from_the_newest_checkpoint(smoke_run, tmp_path):
+    run_dir, data = smoke_run
+    p = run([str(BIN / "sora-train"), "experiment=smoke", f"hydra.run.dir={run_dir}", f"paths.data_dir={data}", "resume=auto", "trainer.max_steps=6",
+             "callbacks.samples=null", "export=false"])
+    assert "resuming from" in (p.stdout + p.stderr)
+    assert (run_dir / "checkpoints" / "step=00000006.ckpt").exists()
+    history = json.loads((run_dir / "plots" / "loss_history.json").read_text())
+    steps = [s for s, _ in history["train/loss"]]
+    assert steps == sorted(set(steps)) and max(steps) == 6  # one continuous curve
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["t2v", "image", "extend", "extend_backward", "interpolate", "edit"])
+def test_sample_every_mode_writes_a_tagged_video(smoke_run, tmp_path, mode):
+    from sora_train.data.video_io import encode_image, encode_video
+
+    run_dir, _ = smoke_run
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:16, 8:16] = (235, 40, 40)
+    (tmp_path / "a.png").write_bytes(encode_image(img))
+    (tmp_path / "b.png").write_bytes(encode_image(img[::-1].copy()))
+    clip = np.repeat(img[None], 9, axis=0)
+    (tmp_path / "clip.mp4").write_bytes(encode_video(clip, 8))
+    extra = {
+        "t2v": [],
+        "image": ["--image", str(tmp_path / "a.png")],
+        "extend": ["--extend", str(tmp_path / "clip.mp4")],
+        "extend_backward": ["--extend", str(tmp_path / "clip.mp4"), "--backward"],
+        "interpolate": ["--interpolate", str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+        "edit": ["--edit", str(tmp_path / "clip.mp4"), "--strength", "0.5"],
+    }[mode]
+    out = tmp_path / "out"
+    run([str(BIN / "sora-sample"), "--ckpt", str(run_dir / "export"), "--prompt", "a small red circle moving left", "--frames", "9",
+         "--height", "32", "--width", "48", "--steps", "2", "--guidance", "2.0", "--out", str(out), "--rewriter", "template"] + extra)
+    (video,) = sorted(out.glob("*.mp4"))
+    frames = _decodes(video)
+    if mode.startswith("extend"):
+        assert frames.shape[0] > 9  # the given clip joined with the new frames
+    else:
+        assert frames.shape[0] == 9
+    assert frames.shape[1:3] == (32, 48)
+    meta = read_container_metadata(video.read_bytes())
+    assert meta["comment"].startswith("AI-generated")
+    info = json.loads(meta["description"])
+    assert info["prompt"] == "a small red circle moving left"
+    assert len(info["prompt_expanded"].split()) > len(info["prompt"].split())  # re-writer expanded it
+    assert len(info["model_sha256"]) == 64
+    assert (out / video.name.replace(".mp4", ".png")).exists()
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line(tmp_path):
+    p = run([str(BIN / "sora-train"), "experiment=smoke", "trainer.max_stepz=1"], ok=False)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "max_stepz" in p.stderr
+    p = run([str(BIN / "sora-train"), "experiment=smoke", "data.train_shards=/nonexistent/x.tar", "data.prepare=null", f"hydra.run.dir={tmp_path}"], ok=False)
+    assert p.returncode == 2 and "error: data path not found: /nonexistent/x.tar" in p.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "index.json").write_text('{"shards": [{"name": "shard-000000.tar", "count": 1}]}')
+    (bad / "shard-000000.tar").write_bytes(b"this is not a tar file at all" * 100)
+    p = run([str(BIN / "sora-train"), "experiment=smoke", f"data.train_shards={bad}", "data.val_shards=null", "data.prepare=null", "data.max_skip_rate=0.0",
+             f"hydra.run.dir={tmp_path / 'r'}"], ok=False)
+    assert p.returncode != 0 and "error:" in p.stderr and "shard" in p.stderr.lower()
+    p = run([str(BIN / "sora-sample"), "--ckpt", str(tmp_path), "--prompt", "x"], ok=False)
+    assert p.returncode == 2 and "not a sora_train export" in p.stderr
+
+
+@pytest.mark.slow
+def test_demo_chain_at_the_smallest_size(tmp_path):
+    """`make demo`'s script, shortened: shards generated, VAE and DiT trained, samples + PNG."""
+    env = {"SORA_DEMO_DIR": str(tmp_path / "demo"), "SORA_DATA_DIR": str(tmp_path / "data")}
+    run(["bash", "launch/demo.sh", "trainer.max_steps=2", "data.prepare.num_train=64", "data.prepare.num_val=16", "diffusion.sampler.steps=2",
+         "logger=csv", "latent_stats_batches=1"], env_extra=env, timeout=900)
+    demo = tmp_path / "demo"
+    videos = sorted((demo / "samples").glob("*.mp4"))
+    assert len(videos) >= 4
+    for v in videos:
+        assert _decodes(v).shape == (17, 32, 32, 3)
+    from PIL import Image
+
+    with Image.open(demo / "loss_curves.png") as im:
+        im.load()
+        assert im.size[0] > 100
