@@ -1,0 +1,232 @@
+"""Pretrained diffusers video VAEs from a local folder, behind `CausalVAE`'s interface.
+
+    vae = load_pretrained_vae("/models/Wan2.1-T2V-1.3B-Diffusers")   # the pipeline folder or its vae/
+    z = vae.normalize(vae.encode(video).mode())                        # what the DiT trains on
+    video = vae.decode(vae.denormalize(z))
+
+Supported classes (read from `_class_name` in the folder's config.json):
+- AutoencoderKLWan: shift = config.latents_mean, scale = 1 / config.latents_std (Wan's pipelines).
+- AutoencoderKLLTXVideo: shift = the model's latents_mean buffer,
+  scale = config.scaling_factor / latents_std (LTX-Video's pipelines).
+- AutoencoderKLCogVideoX: shift = config.shift_factor or 0, scale = config.scaling_factor.
+Each model's own statistics are used; `compute_latent_stats` + `set_latent_stats` can replace them.
+
+Only local folders are read (`local_files_only=True`): no network access at training time.
+diffusers is an optional dependency: `pip install 'sora_train[pretrained]'`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sora_train.models.vae.causal_vae import DiagonalGaussian
+from sora_train.utils.errors import SoraError
+
+SUPPORTED_CLASSES = ("AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLCogVideoX")
+INSTALL_HINT = "pip install 'sora_train[pretrained]'"
+
+
+def _import_diffusers():
+    try:
+        import diffusers
+    except ImportError as e:  # optional dependency
+        raise SoraError(f"pretrained VAEs need the diffusers package: {INSTALL_HINT}") from e
+    return diffusers
+
+
+def _resolve_folder(path: str | Path) -> Path:
+    """The folder holding the VAE's config.json: `path` itself or `path/vae` (a pipeline folder)."""
+    p = Path(path).expanduser()
+    for candidate in (p, p / "vae"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise SoraError(f"pretrained vae path {str(p)!r}: no config.json there or in its vae/ subfolder")
+
+
+def _factors(class_name: str, model: nn.Module) -> tuple[int, int]:
+    """(spatial_factor, temporal_factor) of a supported diffusers VAE."""
+    cfg = model.config
+    if class_name == "AutoencoderKLWan":
+        patch = cfg.get("patch_size") or 1
+        spatial = cfg.get("scale_factor_spatial") or patch * 2 ** len(cfg["temperal_downsample"])
+        temporal = cfg.get("scale_factor_temporal") or 2 ** sum(cfg["temperal_downsample"])
+        return int(spatial), int(temporal)
+    if class_name == "AutoencoderKLLTXVideo":
+        return int(model.spatial_compression_ratio), int(model.temporal_compression_ratio)
+    # AutoencoderKLCogVideoX: every block but the last halves space
+    return 2 ** (len(cfg["block_out_channels"]) - 1), int(cfg["temporal_compression_ratio"])
+
+
+def _latent_stats(class_name: str, model: nn.Module, channels: int) -> tuple[Tensor, Tensor]:
+    """(shift, scale) such that (z - shift) * scale is what the model's own pipelines feed the DiT."""
+    cfg = model.config
+    if class_name == "AutoencoderKLWan":
+        shift = torch.tensor(cfg["latents_mean"], dtype=torch.float32)
+        scale = 1.0 / torch.tensor(cfg["latents_std"], dtype=torch.float32)
+    elif class_name == "AutoencoderKLLTXVideo":
+        shift = model.latents_mean.detach().float().cpu()
+        scale = float(cfg.get("scaling_factor", 1.0)) / model.latents_std.detach().float().cpu()
+    else:
+        shift = torch.full((channels,), float(cfg.get("shift_factor") or 0.0))
+        scale = torch.full((channels,), float(cfg.get("scaling_factor") or 1.0))
+    if shift.shape != (channels,) or scale.shape != (channels,):
+        raise SoraError(f"{class_name} latent statistics have shape {tuple(shift.shape)}: expected ({channels},)")
+    return shift, scale
+
+
+class PretrainedVideoVAE(nn.Module):
+    """A diffusers video VAE with CausalVAE's methods: encode/decode/latent_shape/normalize.
+
+    chunk_frames is accepted for interface parity and ignored: these models bound temporal
+    memory themselves (Wan decodes frame by frame with a causal cache; CogVideoX batches
+    frames). `tile` switches on the model's own spatial tiling for that call.
+
+    Args:
+        model: a loaded diffusers VAE of one of SUPPORTED_CLASSES.
+        decode_timestep: for LTX-Video decoders with timestep conditioning (0.9.1+), the
+            timestep passed to `decode` (its pipelines use 0.0 to 0.05).
+        path: where it was loaded from, recorded by `config()`.
+    """
+
+    def __init__(self, model: nn.Module, decode_timestep: float = 0.0, path: str | None = None):
+        super().__init__()
+        self.class_name = type(model).__name__
+        if self.class_name not in SUPPORTED_CLASSES:
+            raise SoraError(f"pretrained vae class {self.class_name!r}: unsupported, expected one of {list(SUPPORTED_CLASSES)}")
+        self.model = model
+        self.path = path
+        self.decode_timestep = float(decode_timestep)
+        cfg = model.config
+        self.latent_channels = int(cfg["z_dim"] if self.class_name == "AutoencoderKLWan" else cfg["latent_channels"])
+        self.in_channels = int(cfg.get("in_channels", 3)) if self.class_name != "AutoencoderKLWan" else 3
+        self.spatial_factor, self.temporal_factor = _factors(self.class_name, model)
+        shift, scale = _latent_stats(self.class_name, model, self.latent_channels)
+        self.register_buffer("latent_shift", shift)
+        self.register_buffer("latent_scale", scale)
+
+    # ------------------------------------------------------------------ shapes (as CausalVAE)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        tf, sf = self.temporal_factor, self.spatial_factor
+        if num_frames < 1 or (num_frames - 1) % tf != 0:
+            raise SoraError(f"num_frames={num_frames}: {self.class_name} needs 1 + k*{tf} frames (1, {1 + tf}, {1 + 2 * tf}, ...)")
+        for name, v in (("height", height), ("width", width)):
+            if v < sf or v % sf != 0:
+                raise SoraError(f"{name}={v}: must be a positive multiple of {self.class_name}'s spatial_factor={sf}")
+        return 1 + (num_frames - 1) // tf, height // sf, width // sf
+
+    def pixel_shape(self, f: int, h: int, w: int) -> tuple[int, int, int]:
+        if f < 1 or h < 1 or w < 1:
+            raise SoraError(f"latent shape (f={f}, h={h}, w={w}): every dimension must be >= 1")
+        return 1 + (f - 1) * self.temporal_factor, h * self.spatial_factor, w * self.spatial_factor
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def _tiling(self, tile: int | None, tile_overlap: int | None):
+        model = self.model
+        if tile is None:
+            return _NoTiling(model)
+        overlap = tile // 4 if tile_overlap is None else tile_overlap
+        if tile <= 0 or tile % self.spatial_factor != 0 or not 0 <= overlap < tile:
+            raise SoraError(f"tile={tile}, tile_overlap={overlap}: tile must be a positive multiple of spatial_factor={self.spatial_factor}, overlap in [0, tile)")
+        wanted = {
+            "tile_sample_min_height": tile,
+            "tile_sample_min_width": tile,
+            "tile_sample_stride_height": tile - overlap,
+            "tile_sample_stride_width": tile - overlap,
+        }
+        accepted = inspect.signature(model.enable_tiling).parameters
+        model.enable_tiling(**{k: v for k, v in wanted.items() if k in accepted})
+        return _NoTiling(model, restore=True)
+
+    def encode(self, video: Tensor, chunk_frames: int | None = None, tile: int | None = None, tile_overlap: int | None = None) -> DiagonalGaussian:
+        """(B, 3, F, H, W) in [-1, 1] -> posterior over (B, Cz, f, h, w); chunk_frames is ignored."""
+        if video.ndim != 5 or video.shape[1] != self.in_channels:
+            raise SoraError(f"video shape {tuple(video.shape)}: expected (B, {self.in_channels}, F, H, W)")
+        self.latent_shape(*video.shape[2:])
+        dtype = next(self.model.parameters()).dtype
+        with self._tiling(tile, tile_overlap):
+            dist = self.model.encode(video.to(dtype)).latent_dist
+        return DiagonalGaussian(dist.mean.to(video.dtype), dist.logvar.to(video.dtype))
+
+    def decode(self, z: Tensor, chunk_frames: int | None = None, tile: int | None = None, tile_overlap: int | None = None) -> Tensor:
+        """(B, Cz, f, h, w) un-normalised latents -> (B, 3, F, H, W); chunk_frames is ignored."""
+        if z.ndim != 5 or z.shape[1] != self.latent_channels:
+            raise SoraError(f"latent shape {tuple(z.shape)}: expected (B, {self.latent_channels}, f, h, w)")
+        dtype = next(self.model.parameters()).dtype
+        kwargs = {}
+        if self.model.config.get("timestep_conditioning", False) and "temb" in inspect.signature(self.model.decode).parameters:
+            kwargs["temb"] = torch.full((z.shape[0],), self.decode_timestep, device=z.device, dtype=dtype)
+        with self._tiling(tile, tile_overlap):
+            out = self.model.decode(z.to(dtype), **kwargs).sample
+        return out.to(z.dtype)
+
+    def forward(self, video: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
+        posterior = self.encode(video)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    # ------------------------------------------------------------------ latent normalisation (as CausalVAE)
+
+    def normalize(self, z: Tensor) -> Tensor:
+        shape = (1, -1, 1, 1, 1)
+        return (z - self.latent_shift.view(shape).to(z.dtype)) * self.latent_scale.view(shape).to(z.dtype)
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        shape = (1, -1, 1, 1, 1)
+        return z / self.latent_scale.view(shape).to(z.dtype) + self.latent_shift.view(shape).to(z.dtype)
+
+    @torch.no_grad()
+    def set_latent_stats(self, shift: Tensor, scale: Tensor) -> None:
+        for name, v in (("shift", shift), ("scale", scale)):
+            if torch.as_tensor(v).shape != (self.latent_channels,):
+                raise SoraError(f"latent {name} shape {tuple(torch.as_tensor(v).shape)}: expected ({self.latent_channels},)")
+        self.latent_shift.copy_(torch.as_tensor(shift))
+        self.latent_scale.copy_(torch.as_tensor(scale))
+
+    def config(self) -> dict:
+        """Arguments of `load_pretrained_vae` that rebuild this adapter (plus what was loaded)."""
+        return {"path": self.path, "class_name": self.class_name, "decode_timestep": self.decode_timestep}
+
+
+class _NoTiling:
+    """Context manager that switches the wrapped model's tiling off on exit (when it turned it on)."""
+
+    def __init__(self, model: nn.Module, restore: bool = False):
+        self.model, self.restore = model, restore
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.restore:
+            self.model.disable_tiling()
+        return False
+
+
+def load_pretrained_vae(path: str, torch_dtype: str = "float32", decode_timestep: float = 0.0, device: str | None = None) -> PretrainedVideoVAE:
+    """Load a diffusers video VAE saved with `save_pretrained` (or a pipeline folder with vae/).
+
+    Hydra: `_target_: sora_train.models.vae.pretrained.load_pretrained_vae`, `path: ...`.
+    The weights are frozen-ready but not frozen; call `.requires_grad_(False)` to freeze.
+    """
+    folder = _resolve_folder(path)
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if class_name not in SUPPORTED_CLASSES:
+        raise SoraError(f"pretrained vae {str(folder)!r}: class {class_name!r} unsupported, expected one of {list(SUPPORTED_CLASSES)}")
+    dtype = getattr(torch, torch_dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SoraError(f"torch_dtype={torch_dtype!r}: not a torch dtype (float32, bfloat16, float16)")
+    diffusers = _import_diffusers()
+    model = getattr(diffusers, class_name).from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    if device is not None:
+        model = model.to(device)
+    return PretrainedVideoVAE(model.eval(), decode_timestep=decode_timestep, path=str(folder))
+
+
+__all__ = ["SUPPORTED_CLASSES", "PretrainedVideoVAE", "load_pretrained_vae"]
