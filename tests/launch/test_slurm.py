@@ -1,0 +1,471 @@
+"""The Slurm launch path, against a real two-node Slurm cluster on this machine.
+
+One session fixture starts Debian's munged + slurmctld + two slurmd (node1, node2 on
+127.0.0.1) with launch/local_cluster.sh in a temporary folder and stops them at the end
+(a watchdog also stops them if pytest dies). Without Slurm installed the tests skip, except
+under CI=true, where a missing Slurm is a failure: `.ci/run` installs it with
+launch/install_system_deps.sh.
+
+  - a plain 2-node sbatch job: srun runs one task on each node;
+  - launch/sbatch/train.sbatch trains experiment=smoke on both nodes (DDP over gloo);
+  - submitit: a Python function runs as a 2-node job and its results come back;
+  - Hydra's submitit launcher: `sora-train -m experiment=smoke launcher=slurm_cpu` trains
+    through Slurm and leaves checkpoints and an export in the sweep folder;
+  - 2-node Lightning DDP under srun: SLURMEnvironment supplies ranks and world size;
+  - requeue, the plain-sbatch way: a real time-limit SIGUSR1 (--signal=USR1@75) reaches
+    Lightning, which saves an HPC checkpoint and requeues; the next run resumes from it;
+  - requeue, the submitit way: a time-limit SIGUSR2 reaches submitit, which checkpoints the
+    callable and requeues; the next run continues from the saved state.
+
+Every wait is bounded; a failing test prints the job's output and the daemon logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_CLUSTER = REPO / "launch" / "local_cluster.sh"
+SBIN = "/usr/sbin:/sbin"
+NEEDED = ("sbatch", "srun", "squeue", "scontrol", "slurmctld", "slurmd", "munged")
+DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    env: dict[str, str]
+
+    def run(self, *cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def sbatch(self, *args: str, env: dict[str, str] | None = None) -> str:
+        r = subprocess.run(["sbatch", "--parsable", *args], env=env or self.env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, f"sbatch failed: {r.stderr}"
+        return r.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (finished jobs stay visible for MinJobAge=600 s)."""
+        out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait(self, job_id: str, timeout: float, until=lambda info: info.get("JobState") in DONE_STATES) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if until(info):
+                return info
+            time.sleep(0.5)
+        info = self.job(job_id)
+        self.run("scancel", job_id, check=False)
+        raise AssertionError(f"job {job_id} not done after {timeout:.0f}s: {info}\n{self.logs()}")
+
+    def release_requeued(self, job_id: str, timeout: float = 150) -> None:
+        """Wait until the job has been requeued and let it start now rather than after Slurm's
+        2 minute hold, with a 10 minute limit so that the run after the requeue is not sent the
+        time-limit signal again (Slurm re-arms it for every run)."""
+
+        def requeued(info: dict[str, str]) -> bool:
+            return (info.get("JobState") == "PENDING" and int(info.get("Restarts") or 0) >= 1) or info.get("JobState") in DONE_STATES
+
+        info = self.wait(job_id, timeout, until=requeued)
+        assert info["JobState"] == "PENDING", f"job {job_id} was not requeued: {info}"
+        # slurmd refuses a launch credential issued in the same second as the requeue revoked
+        # the job's old one ("Job credential revoked"); part of what the hold is for.
+        time.sleep(2.5)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10")
+
+    def logs(self, lines: int = 30) -> str:
+        parts = []
+        for f in sorted((self.dir / "log").glob("*.log")):
+            tail = f.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"----- {f.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Iterator[Cluster]:
+    path = f"{os.environ.get('PATH', '')}:{SBIN}"
+    missing = [b for b in NEEDED if shutil.which(b, path=path) is None]
+    if missing:
+        msg = f"Slurm/MUNGE not installed (missing {', '.join(missing)}): run launch/install_system_deps.sh"
+        if _under_ci():
+            pytest.fail(f"CI={os.environ['CI']}: {msg}")
+        pytest.skip(msg)
+
+    d = tmp_path_factory.mktemp("slurm")
+    env = {
+        **os.environ,
+        # The job environment: this venv's python and sora-train first, and the daemons' dir.
+        "PATH": f"{Path(sys.executable).parent}:{path}",
+        "SLURM_CONF": str(d / "slurm.conf"),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",  # each node has one CPU
+    }
+    start_env = {**env, "SORA_SLURM_OWNER_PID": str(os.getpid()), "SORA_SLURM_LIFETIME_S": "1800", "SORA_SLURM_WAIT_S": "60"}
+    r = subprocess.run(["bash", str(LOCAL_CLUSTER), "start", str(d)], env=start_env, capture_output=True, text=True, timeout=150)
+    if r.returncode != 0:
+        pytest.fail(f"local cluster did not start:\n{r.stdout}\n{r.stderr}")
+    try:
+        yield Cluster(dir=d, env=env)
+    finally:
+        subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", str(d)], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    """The data of experiment=smoke, generated once from the real config. Shared by the
+    Slurm runs so that a two-node run does not generate it on both nodes at once: the
+    datamodule prepares data once per node, and the two local nodes share one filesystem."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    root = tmp_path_factory.mktemp("data")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="sora_train.conf", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["experiment=smoke", f"paths.data_dir={root}"])
+        instantiate(cfg.data.prepare)()
+    finally:
+        GlobalHydra.instance().clear()
+    return root
+
+
+# --------------------------------------------------------------------------- plain sbatch
+
+
+def test_sbatch_two_nodes(slurm_cluster, tmp_path):
+    out = tmp_path / "out.txt"
+    job = slurm_cluster.sbatch(
+        "-N", "2", "--ntasks-per-node=1", "--time=2", f"--chdir={tmp_path}", f"--output={out}",
+        # Single quotes: the variables are the tasks', not the batch shell's.
+        "--wrap", "srun bash -c 'echo rank=$SLURM_PROCID node_id=$SLURM_NODEID node=$SLURMD_NODENAME ntasks=$SLURM_NTASKS'",
+    )  # fmt: skip
+    info = slurm_cluster.wait(job, timeout=60)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    rows = [dict(kv.split("=") for kv in line.split()) for line in text.splitlines() if line.startswith("rank=")]
+    assert sorted(r["rank"] for r in rows) == ["0", "1"], text
+    assert sorted(r["node_id"] for r in rows) == ["0", "1"], text
+    assert sorted(r["node"] for r in rows) == ["node1", "node2"], text
+    assert {r["ntasks"] for r in rows} == {"2"}
+
+
+def test_sbatch_template_trains_on_two_nodes(slurm_cluster, smoke_data, tmp_path):
+    """launch/sbatch/train.sbatch as users submit it, made CPU-sized on the command line:
+    sora-train under srun on two nodes, DDP over gloo, ranks from SLURMEnvironment."""
+    env = {
+        **slurm_cluster.env,
+        "SORA_DATA_DIR": str(smoke_data),
+        "WANDB_MODE": "disabled",
+        # Lightning would take the first node's name (node1) as the master address; the
+        # local nodes' names do not resolve, their address is 127.0.0.1.
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+    job = slurm_cluster.sbatch(
+        "-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", f"--chdir={tmp_path}",
+        str(REPO / "launch" / "sbatch" / "train.sbatch"), "experiment=smoke", env=env,
+    )  # fmt: skip
+    info = slurm_cluster.wait(job, timeout=200)
+    log = (tmp_path / f"sora-train-{job}.out").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-5000:]}"
+    assert f"job {job} restart 0: 2 node(s) x 1 task(s)" in log
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-5000:]
+    run_dir = tmp_path / "outputs" / "runs" / job
+    assert (run_dir / "checkpoints" / "last.ckpt").exists(), sorted(p.name for p in run_dir.iterdir())
+    assert (run_dir / "export").is_dir()
+
+
+# --------------------------------------------------------------------------- submitit
+
+
+def test_submitit_function_on_two_nodes(slurm_cluster, tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    for k in ("PATH", "SLURM_CONF", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(k, slurm_cluster.env[k])
+
+    # A closure, so cloudpickle ships it by value (this test module is not importable in the job).
+    def where(x: int) -> dict:
+        import os
+
+        return {"node": os.environ["SLURMD_NODENAME"], "rank": int(os.environ["SLURM_PROCID"]), "square": x * x}
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
+    executor.update_parameters(slurm_partition="debug", nodes=2, tasks_per_node=1, cpus_per_task=1, timeout_min=5, name="submitit-test")
+    job = executor.submit(where, 7)
+    # No slurmdbd here, so submitit's sacct calls fail (it logs a warning and goes on): it
+    # sees the job finish through the result files, which done() checks first.
+    deadline = time.monotonic() + 90
+    while not job.done() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job.done(), f"submitit job {job.job_id} not done: {slurm_cluster.job(job.job_id)}\n{slurm_cluster.logs()}"
+    results = job.results()
+    assert [r["square"] for r in results] == [49, 49]
+    assert sorted((r["rank"], r["node"]) for r in results) == [(0, "node1"), (1, "node2")]
+
+
+# --------------------------------------------------------------------------- Hydra launcher
+
+
+def test_hydra_submitit_launcher_trains_smoke(slurm_cluster, smoke_data, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    assert (REPO / "conf" / "experiment" / "smoke.yaml").exists()
+    sora_train = shutil.which("sora-train", path=slurm_cluster.env["PATH"])
+    cmd = [sora_train] if sora_train else [sys.executable, "-m", "sora_train.cli.train"]
+    sweep = tmp_path / "sweep"
+    env = {**slurm_cluster.env, "SORA_DATA_DIR": str(smoke_data), "WANDB_MODE": "disabled"}
+    r = subprocess.run(
+        [*cmd, "-m", "experiment=smoke", "launcher=slurm_cpu", "hydra.launcher.partition=debug", f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    job_dirs = sorted(p for p in (sweep / ".submitit").glob("*") if p.name.isdigit()) if (sweep / ".submitit").is_dir() else []
+    job_logs = "\n".join(f"----- {f}\n{f.read_text(errors='replace')[-3000:]}" for d in job_dirs for f in sorted(d.glob("*_log.*")))
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{job_logs}"
+
+    assert len(job_dirs) == 1, list((sweep / ".submitit").iterdir())
+    # The result file is written just before the job's process exits.
+    info = slurm_cluster.wait(job_dirs[0].name, timeout=30)
+    assert info["JobState"] == "COMPLETED", info
+    assert info["Partition"] == "debug" and info["NumNodes"] == "1"
+    run_dir = sweep / "0"
+    assert (run_dir / "checkpoints" / "last.ckpt").exists(), sorted(p.name for p in run_dir.iterdir())
+    assert (run_dir / "export").is_dir()
+    assert list(job_dirs[0].glob("*_result.pkl")), job_logs
+
+
+# --------------------------------------------------------------------------- Lightning on 2 nodes
+
+LIGHTNING_COMMON = """
+import json, logging, os, sys, time
+from pathlib import Path
+
+import torch
+import lightning.pytorch as pl
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, sleep_s: float = 0.0):
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+        self.sleep_s = sleep_s
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.sleep_s:
+            time.sleep(self.sleep_s)  # a slow step, so the time-limit signal lands mid-training
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader(n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+"""
+
+DDP_SCRIPT = LIGHTNING_COMMON + """
+
+class Report(pl.Callback):
+    def on_train_end(self, trainer, module):
+        # A collective over the real process group: every rank adds rank + 1.
+        total = trainer.strategy.reduce(torch.tensor(float(trainer.global_rank + 1)), reduce_op="sum")
+        out = Path(sys.argv[1]) / f"rank{trainer.global_rank}.json"
+        out.write_text(json.dumps({
+            "global_rank": trainer.global_rank, "world_size": trainer.world_size,
+            "node_rank": trainer.node_rank, "local_rank": trainer.local_rank,
+            "environment": type(trainer.strategy.cluster_environment).__name__,
+            "node": os.environ["SLURMD_NODENAME"], "sum": float(total), "step": trainer.global_step,
+        }))
+
+
+trainer = pl.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", max_steps=5, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[Report()], default_root_dir=sys.argv[1])
+trainer.fit(Tiny(), loader())
+"""
+
+
+def test_lightning_ddp_two_nodes(slurm_cluster, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "job.out"
+    env = {**slurm_cluster.env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}
+    job = slurm_cluster.sbatch(
+        "-N", "2", "--ntasks-per-node=1", "--time=5", f"--chdir={tmp_path}", f"--output={out}",
+        "--wrap", f"srun {sys.executable} {script} {tmp_path}", env=env,
+    )  # fmt: skip
+    info = slurm_cluster.wait(job, timeout=150)
+    text = out.read_text() if out.exists() else ""
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-4000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["global_rank"] for r in ranks] == [0, 1]
+    assert [r["node_rank"] for r in ranks] == [0, 1] and [r["local_rank"] for r in ranks] == [0, 0]
+    assert sorted(r["node"] for r in ranks) == ["node1", "node2"]
+    assert {r["environment"] for r in ranks} == {"SLURMEnvironment"}
+    assert [r["sum"] for r in ranks] == [3.0, 3.0]
+    assert [r["step"] for r in ranks] == [5, 5]
+
+
+# --------------------------------------------------------------------------- requeue
+
+# Slurm may send the time-limit signal early (observed up to ~30 s here; the sbatch man page says
+# up to 60 s), possibly while the task is still importing torch, when SIGUSR1 would kill it. So
+# the script notes an early signal in a handler of its own and removes it just before fit
+# (Lightning only installs its handler where none is set). From the start of training until a
+# few steps are done it holds Lightning's handler aside the same way, then puts it back and
+# re-sends a signal that came early, so the HPC checkpoint always has steps to resume from.
+REQUEUE_SCRIPT = (
+    """
+import signal, time
+EARLY = []
+signal.signal(signal.SIGUSR1, lambda *_: EARLY.append(time.time()))
+"""
+    + LIGHTNING_COMMON
+    + """
+
+RESTART = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+EXTRA_STEPS = 3
+
+
+class Marks(pl.Callback):
+    # Prints where each run starts; the requeued run stops EXTRA_STEPS after its resume step.
+    def on_train_start(self, trainer, module):
+        self.start = trainer.global_step
+        print(f"train_start restart={RESTART} step={self.start}", flush=True)
+        self.lightning_handler = signal.getsignal(signal.SIGUSR1)
+        signal.signal(signal.SIGUSR1, lambda *_: EARLY.append(time.time()))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.lightning_handler is not None and trainer.global_step >= self.start + 5:
+            signal.signal(signal.SIGUSR1, self.lightning_handler)
+            self.lightning_handler = None
+            if EARLY:
+                print("early signal: re-sending it to Lightning's handler", flush=True)
+                os.kill(os.getpid(), signal.SIGUSR1)
+        if RESTART and trainer.global_step >= self.start + EXTRA_STEPS:
+            trainer.should_stop = True
+
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)  # Lightning's requeue messages
+trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=10**6, max_epochs=-1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[Marks()], default_root_dir=sys.argv[1])
+signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+trainer.fit(Tiny(sleep_s=0.05), loader())
+print(f"done restart={RESTART} step={trainer.global_step}", flush=True)
+"""
+)
+
+
+def test_time_limit_signal_requeues_and_resumes(slurm_cluster, tmp_path):
+    """--time=2 --signal=USR1@75: slurmctld signals the job step about 45 s in (its time-limit
+    checks are periodic, so give or take 15 s); Lightning's SLURM handler saves
+    hpc_ckpt_1.ckpt in default_root_dir and runs `scontrol requeue`. Slurm then holds the
+    requeued job for 2 minutes (EligibleTime = requeue + 120 s); the test lets it start at
+    once, and the second run resumes from the HPC checkpoint."""
+    script = tmp_path / "requeue.py"
+    script.write_text(REQUEUE_SCRIPT)
+    out = tmp_path / "job.out"
+    job = slurm_cluster.sbatch(
+        "-N", "1", "--time=2", "--signal=USR1@75", "--requeue", "--open-mode=append",
+        f"--chdir={tmp_path}", f"--output={out}", "--wrap", f"srun {sys.executable} {script} {tmp_path}",
+    )  # fmt: skip
+
+    def output() -> str:
+        return out.read_text(errors="replace") if out.exists() else ""
+
+    try:
+        slurm_cluster.release_requeued(job)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{output()[-4000:]}") from None
+    info = slurm_cluster.wait(job, timeout=120)
+    text = output()
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-4000:]}"
+
+    assert "Handling auto-requeue signal" in text and f"Requeued SLURM job: {job}" in text, text[-4000:]
+    assert (tmp_path / "hpc_ckpt_1.ckpt").exists()
+    starts = {int(r): int(s) for r, s in re.findall(r"train_start restart=(\d+) step=(\d+)", text)}
+    assert starts.get(0) == 0 and starts.get(1, 0) > 0, text[-4000:]
+    done = re.findall(r"done restart=1 step=(\d+)", text)
+    assert done and int(done[-1]) == starts[1] + 3, text[-4000:]
+
+
+def test_submitit_time_limit_requeues_checkpointable(slurm_cluster, tmp_path, monkeypatch):
+    """The path `sora-train -m launcher=slurm` takes: submitit asks for --signal=USR2@<signal_delay_s>
+    and its own handler (not Lightning's, which listens on USR1) checkpoints the callable and
+    requeues it. Hydra's launcher is such a callable; here a small Checkpointable counts steps,
+    and the requeued run continues from the count it had at the signal."""
+    submitit = pytest.importorskip("submitit")
+    for k in ("PATH", "SLURM_CONF", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(k, slurm_cluster.env[k])
+
+    class Counter(submitit.helpers.Checkpointable):
+        def __init__(self) -> None:
+            self.step = 0
+            self.runs: list[dict] = []
+
+        def __call__(self, extra_steps: int) -> dict:
+            import os
+            import time
+
+            restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+            self.runs.append({"restart": restart, "start": self.step})
+            while not (restart and self.step >= self.runs[-1]["start"] + extra_steps):
+                time.sleep(0.1)
+                self.step += 1
+            return {"step": self.step, "runs": self.runs}
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
+    # 2 minutes with the signal 75 s before the end: USR2 about 45 s in (see the test above).
+    executor.update_parameters(slurm_partition="debug", nodes=1, tasks_per_node=1, cpus_per_task=1, timeout_min=2, slurm_signal_delay_s=75, name="submitit-requeue")
+    job = executor.submit(Counter(), 5)
+
+    try:
+        slurm_cluster.release_requeued(job.job_id)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{job.stderr()}") from None
+    deadline = time.monotonic() + 90
+    while not job.done() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job.done(), f"{slurm_cluster.job(job.job_id)}\n{job.stderr()}"
+    result = job.result()
+    first, second = result["runs"]
+    assert first == {"restart": 0, "start": 0}
+    assert second["restart"] == 1 and second["start"] > 0  # the state saved at the signal
+    assert result["step"] == second["start"] + 5
+    assert "Caught signal SIGUSR2" in (job.stderr() or "") + (job.stdout() or "")
