@@ -86,7 +86,7 @@ def _open_stream(url: str):
     return open(url, "rb")
 
 
-def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(url: str, allowed_exts: frozenset[str] = ALLOWED_EXTS) -> Iterator[dict[str, Any]]:
     """Stream one tar: yields {"__key__", "__url__", ext: bytes} for allowlisted extensions.
 
     A tar that ends early or is corrupt raises ``tarfile.TarError``/``OSError`` after the
@@ -105,7 +105,7 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
                     yield current
                 current = {"__key__": key, "__url__": url}
             ext = ext.lower()
-            if ext in ALLOWED_EXTS:
+            if ext in allowed_exts:
                 f = tar.extractfile(member)
                 current[ext] = f.read() if f is not None else b""
     if current is not None:
@@ -156,6 +156,8 @@ class ShardVideoDataset(IterableDataset):
             (after ``min_samples_for_skip_check`` samples), rather than train on nothing.
     """
 
+    allowed_exts: frozenset[str] = ALLOWED_EXTS  # tar members kept; subclasses widen it (latent shards)
+
     def __init__(
         self,
         shards: str | list[str],
@@ -193,6 +195,11 @@ class ShardVideoDataset(IterableDataset):
         rank, world = _dist_info()
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.resume_next_index and n > 1:
+            # A new DataLoader iterator asks worker 0 first, but after k batches the next one
+            # (the smallest undelivered index) belongs to worker k % n: DataLoader worker i
+            # plays worker (i + k) % n, so batches still come out in order.
+            w = (w + min(self.resume_next_index.values())) % n
         return _WorkerState(rank=rank, world=world, worker=w, num_workers=n)
 
     def _epoch_samples(self, st: _WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
@@ -206,7 +213,7 @@ class ShardVideoDataset(IterableDataset):
         counter = 0
         for url in mine:
             try:
-                for sample in iter_tar_samples(url):
+                for sample in iter_tar_samples(url, self.allowed_exts):
                     if not by_shard:
                         counter += 1
                         if (counter - 1) % consumers != me:

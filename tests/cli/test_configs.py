@@ -28,6 +28,7 @@ REQUIRED = {
     ("rewriter", "openai"): ["rewriter.model=local-llm"],
     ("rewriter", "hf"): ["rewriter.path=/models/llm"],
     ("data", "shards"): ["data.train_shards=/data/shards"],
+    ("data", "latents"): ["data.train_shards=/data/latents"],
     ("experiment", "finetune_full"): ["init_from=/runs/dit/export", "data.train_shards=/data/shards"],
     ("experiment", "pretrain_100M"): ["text.path=/models/t5", "data.train_shards=/data/shards"],
     ("experiment", "pretrain_1B"): ["text.path=/models/t5", "data.train_shards=/data/shards"],

@@ -1,0 +1,449 @@
+"""Latent shards: what `sora-data cache-latents` writes and the DiT trains on without a VAE.
+
+A latent shard set is a shard set (see `shards.py`) whose samples hold, per key:
+
+    KEY.latent.safetensors   {"latent": (C, f, h, w)} float16/float32 - or KEY.latent.npy
+    KEY.text.safetensors     optional: {"0": (L_0, D), "1": (L_1, D), ...}, one per caption
+    KEY.json                 the source sample's json, with num_frames/height/width/fps/
+                             duration/frame_range describing the clip that was encoded, plus
+                             "latent" {shape, dtype, member, normalized} and, with text,
+                             "text_embeddings" {captions: [caption i <-> tensor "i"], dim}
+
+Latents are stored NORMALISED (`vae.normalize(posterior.mode())`, the VAE's stored per-channel
+shift/scale applied): what `DiTModule.encode_video` consumes as-is. The statistics are part of
+the VAE's fingerprint (they are buffers and config fields), so normalised latents can never be
+paired with other statistics. Decoding a cached latent is `vae.decode(vae.denormalize(z))`.
+
+index.json records `vae_hash` and `text_hash`: :func:`module_fingerprint` of the part that
+made them, i.e. sha256 over the class, its constructor config (keys naming a local path
+dropped: moving a model folder does not change the model) and every state_dict tensor (name,
+dtype, shape, bytes) in name order. It depends only on the module, never on which export
+file held it, so the VAE of a VAE run's export and the copy inside a DiT run's export agree;
+:func:`export_fingerprint` computes the same value from an export directory without building
+the model. `LatentDataModule` refuses latent shards whose `vae_hash` is not the run's VAE.
+
+The loader is `ShardVideoDataset` with the decode step swapped for reading tensors: the same
+rank/worker split, shuffle buffer, bucket schedule and exact resume. Buckets are exact
+(F, H, W) pixel shapes (the clip the latent decodes to); by default one per shape in the
+index. An image bucket may take a video latent's first latent frame: the VAE is causal, so
+latent frame 0 is exactly the image latent of pixel frame 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sora_train.data.buckets import Bucket, BucketTable
+from sora_train.data.datamodule import VideoDataModule
+from sora_train.data.dataset import ShardVideoDataset, _Pending, _WorkerState, expand_shards
+from sora_train.data.shards import INDEX_NAME, read_index
+from sora_train.utils.errors import SoraError
+from sora_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+LATENT_FORMAT = "sora_train.latents/1"
+LATENT_MEMBERS = ("latent.safetensors", "latent.npy")
+TEXT_MEMBER = "text.safetensors"
+LATENT_KEY = "latent"  # tensor name inside latent.safetensors
+# Where an export keeps its parts (mirrors sora_train/training/export.py, which data may not
+# import; tests check that export_fingerprint(export) == module_fingerprint(module)).
+_EXPORT_CONFIG, _EXPORT_WEIGHTS = "model.json", "model.safetensors"
+
+
+# -- fingerprints ------------------------------------------------------------------------------
+def _identity_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without keys that say where files live (path, tokenizer_path, ...)."""
+    return {k: v for k, v in config.items() if not str(k).endswith("path")}
+
+
+def _fingerprint(target: str, config: dict[str, Any], tensors: Iterable[tuple[str, Tensor]]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"target": target, "config": _identity_config(config)}, sort_keys=True, default=str).encode("utf-8"))
+    for name, t in sorted(tensors, key=lambda kv: kv[0]):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype (bf16 too)
+    return h.hexdigest()
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """sha256 of a model part: class + config() (paths dropped) + state_dict bytes (see module doc)."""
+    if not hasattr(module, "config"):
+        raise SoraError(f"{type(module).__name__}: has no config() to fingerprint")
+    cls = type(module)
+    return _fingerprint(f"{cls.__module__}.{cls.__qualname__}", module.config(), module.state_dict().items())
+
+
+def vae_fingerprint(vae: nn.Module) -> str:
+    """The `vae_hash` of latents made by ``vae`` (its latent shift/scale included)."""
+    return module_fingerprint(vae)
+
+
+def text_fingerprint(encoder: nn.Module) -> str:
+    """The `text_hash` of text embeddings made by ``encoder``."""
+    return module_fingerprint(encoder)
+
+
+def export_fingerprint(export_dir: str | os.PathLike, part: str = "vae") -> str:
+    """`module_fingerprint` of ``part`` of an export directory, read without building the model."""
+    from safetensors import safe_open
+
+    d = Path(export_dir)
+    if not (d / _EXPORT_CONFIG).is_file() or not (d / _EXPORT_WEIGHTS).is_file():
+        raise SoraError(f"{d}: not a sora_train export (needs {_EXPORT_CONFIG} and {_EXPORT_WEIGHTS})")
+    try:
+        spec = json.loads((d / _EXPORT_CONFIG).read_text(encoding="utf-8"))["parts"][part]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise SoraError(f"{d / _EXPORT_CONFIG}: the export holds no {part!r} part") from None
+    prefix = f"{part}."
+    with safe_open(str(d / _EXPORT_WEIGHTS), framework="pt") as f:
+        names = [k for k in f.keys() if k.startswith(prefix)]
+        if not names:
+            raise SoraError(f"{d / _EXPORT_WEIGHTS}: no tensors for part {part!r} (exported config-only), so it cannot be fingerprinted")
+        return _fingerprint(spec["target"], spec["config"], ((k[len(prefix):], f.get_tensor(k)) for k in names))
+
+
+# -- members -----------------------------------------------------------------------------------
+def encode_latent(z: Tensor, member: str = LATENT_MEMBERS[0]) -> bytes:
+    """(C, f, h, w) tensor -> bytes of a ``latent.safetensors`` or ``latent.npy`` member (no pickle)."""
+    z = z.detach().to("cpu").contiguous()
+    if member == "latent.safetensors":
+        from safetensors.torch import save
+
+        return save({LATENT_KEY: z})
+    if member == "latent.npy":
+        if z.dtype == torch.bfloat16:
+            raise SoraError("latent.npy cannot hold bfloat16; use --dtype float16/float32 or --format safetensors")
+        buf = io.BytesIO()
+        np.save(buf, z.numpy(), allow_pickle=False)
+        return buf.getvalue()
+    raise SoraError(f"latent member {member!r}: expected one of {LATENT_MEMBERS}")
+
+
+def decode_latent(data: bytes, member: str) -> Tensor:
+    """Bytes of a latent member -> (C, f, h, w) float32."""
+    if member == "latent.safetensors":
+        from safetensors.torch import load
+
+        z = load(data)[LATENT_KEY]
+    elif member == "latent.npy":
+        z = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+    else:
+        raise ValueError(f"unknown latent member {member!r}")
+    if z.ndim != 4:
+        raise ValueError(f"latent has shape {tuple(z.shape)}, expected (C, f, h, w)")
+    return z.float()
+
+
+def encode_text_member(embeddings: Sequence[Tensor]) -> bytes:
+    """Unpadded (L_i, D) embeddings, one per caption -> bytes of ``text.safetensors``."""
+    from safetensors.torch import save
+
+    return save({str(i): e.detach().to("cpu").contiguous() for i, e in enumerate(embeddings)})
+
+
+def decode_text_member(data: bytes) -> dict[str, Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def pad_text(embeddings: Sequence[Tensor], pad_to: int | None = None) -> tuple[Tensor, Tensor]:
+    """(L_i, D) embeddings -> (emb (B, L, D) float32, zero where padded; mask (B, L) bool).
+
+    The padding rule of `TextEncoder.collate_cached`: L = the longest entry (or ``pad_to`` when
+    larger), valid tokens first - so a frozen encoder's forward is reproduced exactly.
+    """
+    length = max(e.shape[0] for e in embeddings)
+    length = max(length, pad_to or 0)
+    emb = torch.zeros(len(embeddings), length, embeddings[0].shape[1])  # (B, L, D)
+    mask = torch.zeros(len(embeddings), length, dtype=torch.bool)  # (B, L)
+    for i, e in enumerate(embeddings):
+        emb[i, : e.shape[0]] = e.float()
+        mask[i, : e.shape[0]] = True
+    return emb, mask
+
+
+# -- the dataset -------------------------------------------------------------------------------
+class LatentShardDataset(ShardVideoDataset):
+    """Bucketed batches of cached latents (and text embeddings) from latent shards.
+
+    Yields {"latent" (B, C, f, h, w) float32, "caption", "fps", "key", "bucket", "batch_index",
+    "worker", "skipped", "seen"} and, when every sample of the batch has cached text and
+    ``load_text``, "text_emb" (B, L, D) float32 + "text_mask" (B, L) bool for the chosen
+    captions. Arguments as `ShardVideoDataset` (no decoding or fps resampling: the clip was
+    fixed when it was cached); ``buckets`` are exact pixel shapes of the cached clips.
+    """
+
+    allowed_exts = frozenset({"json", "txt", *LATENT_MEMBERS, TEXT_MEMBER})
+
+    def __init__(
+        self,
+        shards: str | list[str],
+        buckets: BucketTable,
+        seed: int = 0,
+        train: bool = True,
+        shuffle_buffer: int = 256,
+        caption_probs: dict[str, float] | None = None,
+        max_skip_rate: float = 0.05,
+        min_samples_for_skip_check: int = 64,
+        max_pool: int = 4096,
+        load_text: bool = True,
+        text_pad_to: int | None = None,
+    ) -> None:
+        super().__init__(
+            shards, buckets, target_fps=None, seed=seed, train=train, shuffle_buffer=shuffle_buffer, caption_probs=caption_probs,
+            max_skip_rate=max_skip_rate, min_samples_for_skip_check=min_samples_for_skip_check, max_pool=max_pool,
+        )
+        self.load_text = load_text
+        self.text_pad_to = text_pad_to
+        self._by_shape = {b.name: b for b in buckets.buckets}
+
+    def _to_pending(self, st: _WorkerState, sample: dict[str, Any], want_image: bool = False) -> _Pending | None:
+        member = next((m for m in LATENT_MEMBERS if m in sample), None)
+        if member is None or "json" not in sample:
+            self._count_skip(st, "missing_latent_or_json")
+            return None
+        try:
+            meta = json.loads(sample["json"])
+            name = f"{int(meta['num_frames'])}x{int(meta['height'])}x{int(meta['width'])}"
+        except (ValueError, KeyError, TypeError):
+            self._count_skip(st, "bad_json")
+            return None
+        bucket = self._by_shape.get(name)
+        if bucket is None:
+            self._count_skip(st, "fits_no_bucket")
+            return None
+        # _Pending.media carries the tensor members of the sample (latent, and text if any)
+        media = {m: sample[m] for m in (member, TEXT_MEMBER) if m in sample}
+        return _Pending(sample["__key__"], meta, member, media, bucket)  # type: ignore[arg-type]
+
+    def _text_for(self, item: _Pending, caption: str) -> tuple[str, Tensor | None]:
+        """(caption, its cached (L, D) embedding); the primary caption when the chosen one has none."""
+        info = item.meta.get("text_embeddings") or {}
+        cached = list(info.get("captions") or [])
+        if not self.load_text or TEXT_MEMBER not in item.media or not cached:  # type: ignore[operator]
+            return caption, None
+        if caption not in cached:
+            caption = str(item.meta.get("caption") or "")
+        tensors = decode_text_member(item.media[TEXT_MEMBER])  # type: ignore[index]
+        return caption, tensors[str(cached.index(caption))]
+
+    def _emit(self, st: _WorkerState, index: int, bucket: Bucket, items: list[_Pending]) -> dict[str, Any] | None:
+        latents, texts, captions, fpss, keys = [], [], [], [], []
+        for i, item in enumerate(items):
+            rng = np.random.default_rng([self.seed, index, i, 0xDEC0])
+            try:
+                z = decode_latent(item.media[item.media_ext], item.media_ext)  # type: ignore[index]  (C, f, h, w)
+                if bucket.is_image and (int(item.meta["height"]), int(item.meta["width"])) != (bucket.height, bucket.width):
+                    raise ValueError(f"a {item.meta['height']}x{item.meta['width']} latent cannot feed image bucket {bucket.name}")
+                z = z[:, :1] if bucket.is_image else z  # (C, 1, h, w): causal, so frame 0 is the image latent
+                if latents and z.shape != latents[0].shape:
+                    raise ValueError(f"latent shape {tuple(z.shape)} differs from the batch's {tuple(latents[0].shape)}")
+                caption, emb = self._text_for(item, self._choose_caption(item.meta, rng))
+            except Exception as e:  # a corrupt sample must not kill the run: count it, go on
+                self._count_skip(st, "decode_error")
+                log.warning("skipping latent sample %s: %s", item.key, e)
+                continue
+            st.seen += 1
+            latents.append(z)
+            texts.append(emb)
+            captions.append(caption)
+            fpss.append(0.0 if bucket.is_image else float(item.meta.get("fps") or 0.0))
+            keys.append(item.key)
+        if not latents:
+            return None
+        batch: dict[str, Any] = {
+            "latent": torch.stack(latents),  # (B, C, f, h, w)
+            "caption": captions,
+            "fps": torch.tensor(fpss, dtype=torch.float32),
+            "key": keys,
+            "bucket": bucket.name,
+            "batch_index": index,
+            "worker": st.worker,
+            "skipped": st.skipped,
+            "seen": st.seen,
+        }
+        if all(t is not None for t in texts):
+            batch["text_emb"], batch["text_mask"] = pad_text(texts, self.text_pad_to)  # (B, L, D), (B, L)
+        return batch
+
+
+# -- the DataModule ----------------------------------------------------------------------------
+def index_dirs(spec: str | Sequence[str]) -> list[str] | None:
+    """The shard-set directories (with index.json) behind a shard spec; None if any is remote."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    dirs: list[str] = []
+    for s in map(str, specs):
+        if "://" in s or s.startswith("pipe:"):
+            return None
+        if os.path.isdir(s):
+            dirs.append(s)
+            continue
+        parents = sorted({os.path.dirname(p) or "." for p in expand_shards(s)})
+        dirs.extend(p for p in parents if os.path.isfile(os.path.join(p, INDEX_NAME)))
+    return list(dict.fromkeys(dirs))
+
+
+def check_latent_set(shard_dir: str, expected_vae_hash: str | None, vae_source: str, expected_text_hash: str | None = None) -> dict[str, Any]:
+    """Read ``shard_dir``'s index; raise a one-line SoraError unless it is a latent set of that VAE."""
+    index = read_index(shard_dir)
+    theirs = index.get("vae_hash")
+    if not theirs:
+        raise SoraError(f"{shard_dir}: index.json has no vae_hash, so it is not a latent shard set (write one with `sora-data cache-latents`)")
+    if expected_vae_hash and theirs != expected_vae_hash:
+        raise SoraError(
+            f"{shard_dir}: latent shards were encoded by VAE {theirs[:16]}, but {vae_source} is VAE {expected_vae_hash[:16]}; "
+            "re-run `sora-data cache-latents` with this VAE, or train with the VAE that made them"
+        )
+    text = index.get("text_hash")
+    if expected_text_hash and text and text != expected_text_hash:
+        raise SoraError(
+            f"{shard_dir}: text embeddings were made by text encoder {text[:16]}, but data.expected_text_hash is {expected_text_hash[:16]}; "
+            "re-run `sora-data cache-latents --text` with this encoder, or set data.load_text=false"
+        )
+    return index
+
+
+class LatentDataModule(VideoDataModule):
+    """Batches of cached latents for DiT training, refusing latents of another VAE.
+
+    Args (as `VideoDataModule`, minus decoding; plus):
+        buckets: exact pixel shapes {num_frames, height, width[, batch_size]} of the cached
+            clips; None = one bucket per shape in the train set's index.json.
+        batch_size: batch size of buckets without one (else ``tokens_per_batch`` decides, in
+            pixel volume F*H*W as for videos, so the same run gets the same batch sizes).
+        vae_ckpt: the run's VAE export; its `vae` part's fingerprint must equal every latent
+            set's `vae_hash` (checked in ``setup``). ``expected_vae_hash`` gives it directly.
+            With neither, the hash is not checked (a warning says so).
+        expected_text_hash: refuse cached text embeddings of another text encoder.
+        load_text: emit cached "text_emb"/"text_mask" when the shards hold them.
+        text_pad_to: pad cached text to at least this many tokens (static shapes).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        val_shards: str | Sequence[str] | None = None,
+        buckets: Sequence[dict[str, Any]] | None = None,
+        batch_size: int | None = None,
+        tokens_per_batch: int | None = None,
+        image_ratio: float = 0.0,
+        bucket_weights: dict[str, float] | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1024,
+        caption_probs: dict[str, float] | None = None,
+        max_skip_rate: float = 0.02,
+        seed: int = 0,
+        vae_ckpt: str | None = None,
+        expected_vae_hash: str | None = None,
+        expected_text_hash: str | None = None,
+        load_text: bool = True,
+        text_pad_to: int | None = None,
+        prepare: Any = None,
+    ) -> None:
+        super().__init__(
+            train_shards, list(buckets or []), val_shards=val_shards, tokens_per_batch=tokens_per_batch, image_ratio=image_ratio,
+            bucket_weights=bucket_weights, target_fps=None, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+            caption_probs=caption_probs, max_skip_rate=max_skip_rate, seed=seed, prepare=prepare,
+        )
+        if batch_size is not None and int(batch_size) < 1:
+            raise SoraError(f"data.batch_size={batch_size}: must be >= 1")
+        self.batch_size = batch_size
+        self.vae_ckpt = str(vae_ckpt) if vae_ckpt else None
+        self.expected_vae_hash = expected_vae_hash
+        self.expected_text_hash = expected_text_hash
+        self.load_text = load_text
+        self.text_pad_to = text_pad_to
+
+    def _histogram(self) -> dict[str, int]:
+        dirs = index_dirs(self.train_spec) or []
+        hist: dict[str, int] = {}
+        for d in dirs:
+            for shape, n in read_index(d).get("shape_histogram", {}).items():
+                hist[shape] = hist.get(shape, 0) + int(n)
+        return hist
+
+    def make_buckets(self) -> BucketTable:
+        hist = self._histogram()
+        cfg = self.bucket_cfg
+        if not cfg:
+            if not hist:
+                raise SoraError(f"data.buckets is not set and no index.json with a shape_histogram was found for data.train_shards={self.train_spec}")
+            if self.batch_size is None and not self.tokens_per_batch:
+                raise SoraError("data.batch_size (or data.tokens_per_batch) must be set when data.buckets comes from the index")
+            cfg = []
+            for shape in sorted(hist):
+                f, h, w = (int(x) for x in shape.split("x"))
+                cfg.append({"num_frames": f, "height": h, "width": w, **({"batch_size": self.batch_size} if self.batch_size else {})})
+        else:
+            cfg = [{**b, **({"batch_size": self.batch_size} if self.batch_size and "batch_size" not in b else {})} for b in cfg]
+        weights = self.bucket_weights
+        if weights is None and hist:
+            names = {f"{b['num_frames']}x{b['height']}x{b['width']}" for b in cfg}
+            weights = {name: float(n) for name, n in hist.items() if name in names and not name.startswith("1x")}
+            weights = weights or None
+        image_ratio = self.image_ratio
+        return BucketTable(cfg, self.tokens_per_batch, image_ratio, weights)
+
+    def expected_hash(self) -> tuple[str | None, str]:
+        """(the VAE hash latents must carry, how the message names its source)."""
+        if self.expected_vae_hash:
+            return self.expected_vae_hash, f"data.expected_vae_hash ({self.expected_vae_hash[:16]})"
+        if self.vae_ckpt:
+            return export_fingerprint(self.vae_ckpt, "vae"), f"vae_ckpt={self.vae_ckpt}"
+        return None, ""
+
+    def check_sets(self) -> None:
+        """Refuse every local latent set (train and val) not made by the run's VAE."""
+        expected, source = self.expected_hash()
+        if expected is None:
+            log.warning("data: neither vae_ckpt nor data.expected_vae_hash is set, so the latent shards' VAE is not checked")
+        for spec in (self.train_spec, self.val_spec):
+            if spec is None:
+                continue
+            dirs = index_dirs(spec)
+            if dirs is None:
+                log.warning("data: %s is remote; its VAE hash cannot be checked here", spec)
+                continue
+            for d in dirs:
+                check_latent_set(d, expected, source, self.expected_text_hash)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.check_sets()
+            common = dict(buckets=self.make_buckets(), seed=self.seed, caption_probs=self.caption_probs, max_skip_rate=self.max_skip_rate,
+                          load_text=self.load_text, text_pad_to=self.text_pad_to)
+            self.train_set = LatentShardDataset(self.train_spec, train=True, shuffle_buffer=self.shuffle_buffer, **common)
+            if self.val_spec is not None:
+                self.val_set = LatentShardDataset(self.val_spec, train=False, **common)
+        self.train_set.resume_next_index = dict(self.next_index)
+
+
+__all__ = [
+    "LATENT_FORMAT",
+    "LATENT_MEMBERS",
+    "TEXT_MEMBER",
+    "LatentDataModule",
+    "LatentShardDataset",
+    "check_latent_set",
+    "decode_latent",
+    "encode_latent",
+    "encode_text_member",
+    "export_fingerprint",
+    "index_dirs",
+    "module_fingerprint",
+    "pad_text",
+    "text_fingerprint",
+    "vae_fingerprint",
+]
