@@ -77,11 +77,13 @@ def build_loggers(cfg: DictConfig) -> list:
     return [_instantiate(c) for _, c in (cfg.get("logger") or {}).items() if c is not None and "_target_" in c]
 
 
-def export_run(cfg: DictConfig, module, datamodule, run_dir: Path) -> Path | None:
-    """Write run_dir/export: safetensors weights + model.json (what sora-sample reads)."""
+def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, out_dir: Path | None = None, step: int | None = None) -> Path | None:
+    """Write run_dir/export (or ``out_dir``): safetensors weights + model.json (what sora-sample
+    reads). ``step``: the training step recorded (default: the module's global step)."""
+    from sora_train.data.shards import read_index
     from sora_train.training.export import export_parts
 
-    meta = {"task": "vae" if _is_vae_task(cfg) else "dit", "step": int(module.global_step), "sampler": OmegaConf.to_container(cfg.diffusion.get("sampler") or {}, resolve=True), "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True)}
+    meta = {"task": "vae" if _is_vae_task(cfg) else "dit", "step": int(module.global_step if step is None else step), "sampler": OmegaConf.to_container(cfg.diffusion.get("sampler") or {}, resolve=True), "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True)}
     if meta["task"] == "vae":
         from sora_train.models.vae import compute_latent_stats
 
@@ -90,15 +92,19 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path) -> Path | Non
         batches = (b["video"] for b in loader)
         shift, scale = compute_latent_stats(module.vae, batches, max_batches=int(cfg.get("latent_stats_batches", 8)))
         module.vae.set_latent_stats(shift, scale)
-        return export_parts(run_dir / "export", {"vae": module.vae}, meta)
+        return export_parts(out_dir or run_dir / "export", {"vae": module.vae}, meta)
     buckets = datamodule.make_buckets()
     first = (buckets.video or buckets.buckets)[0]
     meta["train_shape"] = {"num_frames": first.num_frames, "height": first.height, "width": first.width}
+    try:  # options the training data was written with (shapes world: held-out pairs), for sora-eval shapes
+        meta["train_data"] = read_index(cfg.data.get("train_shards")).get("options") or {}
+    except (SoraError, TypeError, OSError):
+        pass
     parts = {"vae": module.vae, "text": module.text_encoder, "dit": module.dit}
     if getattr(module, "ema", None) is not None:
         parts["ema"] = module.ema
     weights = {"text": bool(getattr(module.text_encoder, "trainable", True))}
-    return export_parts(run_dir / "export", parts, meta, weights=weights)
+    return export_parts(out_dir or run_dir / "export", parts, meta, weights=weights)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -124,9 +130,24 @@ def train(cfg: DictConfig) -> float | None:
         log.info("resuming from %s", ckpt)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
-    if cfg.get("export") and trainer.is_global_zero:
-        out = export_run(cfg, module, datamodule, run_dir)
-        log.info("exported weights to %s", out)
+    if cfg.get("export"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # The live weights are partitioned across ranks (ZeRO-3) or in the training dtype;
+            # the final checkpoint holds them all in fp32: export what sora-export would.
+            from sora_train.cli.export import export_checkpoint
+
+            # CheckpointPolicy keeps the top-k by step: its best is the final step's checkpoint.
+            last = getattr(trainer.checkpoint_callback, "best_model_path", None) or find_resume_checkpoint("auto", run_dir)
+            if not last:
+                log.warning("no checkpoint to export from (callbacks.checkpoint is off); skipped the export")
+            elif trainer.is_global_zero:
+                out = export_checkpoint(cfg, last, run_dir / "export", datamodule)
+                log.info("exported weights to %s", out)
+        elif trainer.is_global_zero:
+            out = export_run(cfg, module, datamodule, run_dir)
+            log.info("exported weights to %s", out)
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
     return float(metric) if metric is not None else None
 

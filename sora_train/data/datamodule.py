@@ -13,6 +13,22 @@ from sora_train.data.shards import read_index
 from sora_train.utils.errors import SoraError
 
 
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM. A SIGTERM to the whole process group (Slurm's cancel,
+    a terminal) is the training process's to handle: it finishes the step and saves a checkpoint
+    (callbacks/checkpoint.py). A worker killed by it would make torch raise in the training
+    process mid-save. Workers still stop when the loader shuts them down or their parent dies.
+    """
+    import os
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning adds when no worker_init_fn is set
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+
+
 class VideoDataModule(pl.LightningDataModule):
     """Bucketed video/image batches from webdataset shards, with exact resume.
 
@@ -111,6 +127,7 @@ class VideoDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             prefetch_factor=2 if self.num_workers > 0 else None,
+            worker_init_fn=_worker_init if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -68,16 +68,9 @@ def consolidate_checkpoint(
             tensors and plain containers, or no key starts with ``prefix``.
     """
     src, out = Path(ckpt_path), Path(out_path)
-    if not src.exists():
-        raise SoraError(f"consolidate: checkpoint {src} does not exist")
     if out.suffix != ".safetensors":
         raise SoraError(f"consolidate: output {out} must end in .safetensors")
-    if src.is_dir():
-        state_dict, meta = _read_zero_checkpoint(src, tag)
-    else:
-        state_dict, meta = _read_lightning_checkpoint(src)
-
-    state_dict = {_strip(k, _LEGACY_WRAPPER_PREFIX): v for k, v in state_dict.items()}
+    state_dict, meta = read_checkpoint_weights(src, tag=tag)
     kept = _select(state_dict, prefix, src)
     tensors = _as_fp32_unshared(kept)
     _save_safetensors(tensors, out, meta)
@@ -97,6 +90,24 @@ def consolidate_checkpoint(
     atomic_write_json(out.with_suffix(".json"), sidecar)
     log.info("consolidated %s -> %s (%d tensors, %d parameters)", src, out, len(tensors), sidecar["num_parameters"])
     return out
+
+
+def read_checkpoint_weights(ckpt_path: str | os.PathLike, *, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every weight of a Lightning ``.ckpt`` or a DeepSpeed ZeRO checkpoint directory, merged
+    to full tensors (fp32 for ZeRO: the master weights), read without unpickling objects.
+
+    Returns:
+        (state_dict keyed as the LightningModule's own ``state_dict()``, metadata: source kind,
+        global_step, ZeRO stage and world size where known).
+
+    Raises:
+        SoraError: as ``consolidate_checkpoint``.
+    """
+    src = Path(ckpt_path)
+    if not src.exists():
+        raise SoraError(f"consolidate: checkpoint {src} does not exist")
+    state_dict, meta = _read_zero_checkpoint(src, tag) if src.is_dir() else _read_lightning_checkpoint(src)
+    return {_strip(k, _LEGACY_WRAPPER_PREFIX): v for k, v in state_dict.items()}, meta
 
 
 # --------------------------------------------------------------------------- readers

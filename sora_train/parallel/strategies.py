@@ -238,6 +238,11 @@ def build_strategy(name: str, accelerator: str = "auto", **options: Any) -> Stra
             f"strategy {name}: unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}"
         )
     kwargs = {**_DEEPSPEED_STAGES[name], **options}
+    if kwargs.get("logging_batch_size_per_gpu", "auto") == "auto":
+        # Lightning's "auto" reads DataLoader.batch_sampler.batch_size, which is None for our
+        # loader (the dataset yields whole bucketed batches, batch_size=None) and crashes. The
+        # value only feeds DeepSpeed's own throughput log, not the batches Lightning feeds it.
+        kwargs["logging_batch_size_per_gpu"] = 1
     force_ds_cpu_optimizer = kwargs.pop("zero_force_ds_cpu_optimizer", None)
     zero_extra = kwargs.pop("zero_extra", None) or {}
     strategy = DeepSpeedStrategy(**kwargs) if on_cuda else CPUDeepSpeedStrategy(**kwargs)

@@ -15,6 +15,7 @@ from torch import nn
 
 from sora_train.diffusion.flow import FlowMatching, loss_by_timestep_bins
 from sora_train.diffusion.masks import ConditionSampler
+from sora_train.training.log_steps import writes_logs
 
 DEFAULT_LOSS_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -79,10 +80,33 @@ class DiTModule(pl.LightningModule):
         posterior = self.vae.encode(batch["video"])  # (B, C, f, h, w)
         return self.vae.normalize(posterior.sample())
 
-    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, captions: list[str], cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (emb (B, L, D), mask (B, L)); caption dropout replaces some with "".
+
+        ``cached``: the batch's (text_emb, text_mask) from latent shards. Used only with a
+        frozen encoder (a trainable one must see its captions); dropped rows then get the
+        empty caption's embedding, computed once.
+        """
+        drop = None
         if self.training and self.caption_dropout > 0:
             drop = torch.rand(len(captions)) < self.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        if cached is not None and not getattr(self.text_encoder, "trainable", True):
+            emb, mask = cached  # (B, L, D), (B, L)
+            if drop is None or not drop.any():
+                return emb, mask
+            if getattr(self, "_empty_text", None) is None:
+                with torch.no_grad():
+                    self._empty_text = self.text_encoder([""])  # (1, L0, D), (1, L0)
+            e, m = self._empty_text
+            B, L0, D = emb.shape
+            L = max(L0, e.shape[1])
+            out, out_mask = emb.new_zeros(B, L, D), mask.new_zeros(B, L)  # (B, L, D), (B, L): zero = padding
+            out[:, :L0], out_mask[:, :L0] = emb, mask
+            d = drop.to(emb.device)  # (B,)
+            out[d], out_mask[d] = 0.0, False
+            out[d, : e.shape[1]], out_mask[d, : e.shape[1]] = e[0].to(out), m[0].to(out_mask)
+            return out, out_mask
         if getattr(self.text_encoder, "trainable", True):
             return self.text_encoder(captions)
         with torch.no_grad():
@@ -90,7 +114,8 @@ class DiTModule(pl.LightningModule):
 
     def diffusion_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         latents = self.encode_video(batch)  # (B, C, f, h, w)
-        text, text_mask = self.encode_text(list(batch["caption"]))  # (B, L, D), (B, L)
+        cached = (batch["text_emb"], batch["text_mask"]) if "text_emb" in batch else None  # from latent shards
+        text, text_mask = self.encode_text(list(batch["caption"]), cached)  # (B, L, D), (B, L)
         B, _, f, h, w = latents.shape
         cond_mask = self.conditioning.sample(B, f).to(latents.device) if self.conditioning is not None else None  # (B, f)
         pt, ph, pw = self.dit.patch_size
@@ -107,16 +132,18 @@ class DiTModule(pl.LightningModule):
         out = self.diffusion_loss(batch)
         bs = len(batch["caption"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
-        for name, (total, count) in loss_by_timestep_bins(out["loss_per_sample"].detach(), out["t"], self.loss_bins).items():
-            if count > 0:
-                self.log(f"train/{name}", total / count, batch_size=int(count))
+        if writes_logs(self._trainer):  # self.log costs ~1 ms a call on CPU: the curves by timestep only when written
+            for name, (total, count) in loss_by_timestep_bins(out["loss_per_sample"].detach(), out["t"], self.loss_bins).items():
+                if count > 0:
+                    self.log(f"train/{name}", total / count, batch_size=int(count))
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # Fixed noise and timesteps per batch so validation curves compare across steps.
         g = torch.Generator().manual_seed(1234 + batch_idx)
         latents = self.encode_video(batch)
-        text, text_mask = self.text_encoder(list(batch["caption"]))
+        cached = (batch["text_emb"], batch["text_mask"]) if "text_emb" in batch else None  # from latent shards
+        text, text_mask = self.encode_text(list(batch["caption"]), cached)
         B = latents.shape[0]
         t = (torch.arange(B, dtype=torch.float32) + 0.5) / B  # evenly spread timesteps
         noise = torch.randn(latents.shape, generator=g).to(latents)

@@ -4,6 +4,16 @@ Atomic: a checkpoint is written under ``<name>.partial`` (a file, or a directory
 sharded format) and renamed to its final name only after every rank finished writing. A kill
 during a save leaves at most a ``.partial`` that ``resume=auto`` ignores, never a corrupt
 checkpoint under a real name.
+
+SIGTERM (a scheduler's preemption, ``kill``, Slurm's cancel/time limit): the run finishes the
+step it is in, saves a checkpoint of that step (atomically, like any other), and exits with
+status ``PREEMPTED_EXIT_CODE`` (75, EX_TEMPFAIL: "try again later") on rank 0 and 0 on the
+other ranks (Lightning's launcher kills rank 0 when a child exits non-zero; torchrun and srun
+report rank 0's 75 either way); ``resume=auto`` continues from it. Lightning's own SIGTERM
+handling outside Slurm stops without saving (and exits 0), and broadcasts from inside the
+signal handler; ours only sets a flag, and the ranks agree on it at the end of each step with
+one small all-reduce. SIGKILL cannot be caught: resume continues from the newest complete
+periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -11,16 +21,34 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sora_train.utils.errors import SoraError
+from sora_train.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 PARTIAL = ".partial"
 _STEP_RE = re.compile(r"step=(\d+)")
+# Exit status of a run stopped by SIGTERM after saving its checkpoint (sysexits EX_TEMPFAIL).
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(SystemExit):
+    """Raised on every rank after the SIGTERM checkpoint is written; rank 0 exits with
+    PREEMPTED_EXIT_CODE, the others with 0."""
+
+    def __init__(self, step: int, path: str | None, rank: int = 0) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE if rank == 0 else 0)
+        self.step, self.path = step, path
 
 
 class CheckpointPolicy(ModelCheckpoint):
@@ -29,9 +57,11 @@ class CheckpointPolicy(ModelCheckpoint):
         every_n_steps: save every N optimizer steps (None: off).
         every_n_minutes: save every M minutes of training wall-clock (None: off).
         keep_last: how many periodic checkpoints to keep (newest by step).
+        save_on_sigterm: on SIGTERM, finish the step, save it and exit with status 75.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int | None = 500, every_n_minutes: float | None = None, keep_last: int = 3) -> None:
+    def __init__(self, dirpath: str, every_n_steps: int | None = 500, every_n_minutes: float | None = None, keep_last: int = 3,
+                 save_on_sigterm: bool = True) -> None:
         # Lightning's ModelCheckpoint takes one trigger: with both, steps go to Lightning and
         # minutes are checked here in on_train_batch_end.
         super().__init__(
@@ -45,24 +75,73 @@ class CheckpointPolicy(ModelCheckpoint):
             mode="max",
             save_last=True,
             save_on_train_epoch_end=False,
+            # A name is overwritten (atomically), never versioned: "last-v1.ckpt" after a resume,
+            # or "step=N-v1.ckpt" when resuming from an older checkpoint, would be stale copies.
+            enable_version_counter=False,
         )
         self.every_n_minutes = every_n_minutes if every_n_steps else None
         self._last_time_save: float | None = None
+        self.save_on_sigterm = save_on_sigterm
+        self._sigterm = False
+        self._previous_handler: Any = None
+
+    # -- SIGTERM ---------------------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # Only a flag: a signal handler may run inside a collective or a file write.
+        self._sigterm = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Installed here, after Lightning registered its own handler (Trainer._run), which it
+        # replaces; Lightning's teardown puts the original back.
+        if self.save_on_sigterm and threading_is_main():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._sigterm = self._sigterm or trainer.received_sigterm  # arrived while Lightning's handler was set
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading_is_main():
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+        super().on_exception(trainer, pl_module, exception)
+
+    def _agree(self, trainer: pl.Trainer, sigterm: bool, time_due: bool) -> tuple[bool, bool]:
+        """Every rank must take the same decision to save (a save is collective)."""
+        if trainer.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return sigterm, time_due
+        # One 2-element all-reduce per step; on GPUs a host sync, like Lightning's own per-step
+        # SIGTERM broadcast.
+        flags = torch.tensor([float(sigterm), float(time_due)], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        s, t = flags.tolist()
+        return bool(s), bool(t)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not (self.save_on_sigterm or self.every_n_minutes) or trainer.fit_loop._should_accumulate():
+            return  # checkpoints are taken between optimizer steps
+        time_due = False
         if self.every_n_minutes:
-            import time
-
             now = time.monotonic()
             if self._last_time_save is None:
                 self._last_time_save = now
-            elif (now - self._last_time_save) / 60.0 >= self.every_n_minutes:
-                self._last_time_save = now
-                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            time_due = (now - self._last_time_save) / 60.0 >= self.every_n_minutes
+        sigterm, time_due = self._agree(trainer, self._sigterm, time_due)
+        if time_due:
+            self._last_time_save = time.monotonic()
+        if (sigterm or time_due) and self._last_global_step_saved != trainer.global_step:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if sigterm:
+            path = self.best_model_path or None  # top-k by step: the newest
+            log.warning("SIGTERM: saved the checkpoint of step %d (%s); exiting with status %d, continue with resume=auto",
+                        trainer.global_step, path, PREEMPTED_EXIT_CODE)
+            self._restore_handler()
+            raise Preempted(trainer.global_step, path, trainer.global_rank)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handler()
         # Always leave a checkpoint of the final step.
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -76,6 +155,7 @@ class CheckpointPolicy(ModelCheckpoint):
         trainer.save_checkpoint(partial, self.save_weights_only)
         trainer.strategy.barrier("checkpoint_written")
         if trainer.is_global_zero:
+            _fsync_tree(partial)  # on disk before it gets a real name: survives a node crash too
             if os.path.exists(filepath) or os.path.islink(filepath):
                 _remove(filepath)
             os.replace(partial, filepath)
@@ -85,6 +165,26 @@ class CheckpointPolicy(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()  # signal.signal works only there
+
+
+def _fsync_tree(path: str) -> None:
+    paths = [path]
+    if os.path.isdir(path):
+        paths = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files] + [d for d, _, _ in os.walk(path)]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some filesystems refuse fsync on directories
+            pass
+        finally:
+            os.close(fd)
 
 
 def _remove(path: str) -> None:

@@ -3,7 +3,9 @@
 The EMA copy is a frozen submodule of the LightningModule (``pl_module.ema``), so it is saved
 and restored with the model in every checkpoint format, and under DeepSpeed ZeRO-3 it is
 partitioned like the model: each rank averages only its own partition (``ds_tensor``), which
-is exact because the update is elementwise.
+is exact because the update is elementwise. ZeRO-3 also keeps a gathered full copy of small
+("persistent") parameters between steps; where the EMA parameter has one, it is averaged too,
+so sampling with the EMA between steps sees the current average, not the previous one.
 """
 
 from __future__ import annotations
@@ -41,11 +43,21 @@ class EMA(pl.Callback):
             return
         d = self._decay(trainer.global_step)
         src = getattr(pl_module, self.attr)
-        for e, p in zip(pl_module.ema.parameters(), src.parameters()):
-            # ZeRO-3 keeps each rank's partition in ds_tensor; elsewhere the full tensor.
-            e_t = e.ds_tensor if hasattr(e, "ds_tensor") else e.data
-            p_t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-            e_t.lerp_(p_t.to(e_t.dtype), 1.0 - d)
+        pairs = list(zip(pl_module.ema.parameters(), src.parameters()))
+        plain = [(e, p) for e, p in pairs if not hasattr(e, "ds_tensor")]
+        if plain:  # one fused update over all tensors
+            torch._foreach_lerp_([e.data for e, _ in plain], [p.data.to(e.dtype) for e, p in plain], 1.0 - d)
+        for e, p in pairs:
+            if not hasattr(e, "ds_tensor"):
+                continue
+            # ZeRO-3: each rank's partition lives in ds_tensor (the truth that checkpoints,
+            # gathers and the next step read).
+            e.ds_tensor.lerp_(p.ds_tensor.to(e.ds_tensor.dtype), 1.0 - d)
+            if _gathered(e):  # a persistent parameter's full copy, re-gathered only after the next step
+                if _gathered(p):
+                    e.data.lerp_(p.data.to(e.dtype), 1.0 - d)
+                else:
+                    e.partition()  # drop the stale copy; the next use gathers it from ds_tensor
         for e, p in zip(pl_module.ema.buffers(), src.buffers()):
             e.copy_(p)
 
@@ -53,3 +65,10 @@ class EMA(pl.Callback):
         # The EMA module must exist before the state dict with "ema.*" keys is loaded.
         if getattr(pl_module, "ema", None) is None:
             self.setup(trainer, pl_module, "fit")
+
+
+def _gathered(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose full tensor is currently materialised on this rank."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return getattr(param, "ds_status", None) == ZeroParamStatus.AVAILABLE and param.data.numel() == param.ds_numel

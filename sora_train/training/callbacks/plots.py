@@ -14,6 +14,8 @@ from sora_train.utils.io import atomic_write_json
 class LossPlot(pl.Callback):
     """Records every scalar matching ``prefixes`` each step and plots them at validation ends
     and when training ends. History is kept in the checkpoint so a resumed run's plot is whole.
+    Lightning keeps a metric's last value until it is logged again (some are logged only every
+    ``trainer.log_every_n_steps``): a value equal to the previous point is a repeat, not recorded.
     """
 
     def __init__(self, out_dir: str, prefixes: tuple[str, ...] = ("train/loss", "val/"), every_n_steps: int = 1) -> None:
@@ -27,8 +29,9 @@ class LossPlot(pl.Callback):
         for name, value in trainer.callback_metrics.items():
             if name.startswith(self.prefixes):
                 series = self.history.setdefault(name, [])
-                if not series or series[-1][0] != step:
-                    series.append((step, float(value)))
+                v = float(value)
+                if not series or (series[-1][0] != step and series[-1][1] != v):
+                    series.append((step, v))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0:

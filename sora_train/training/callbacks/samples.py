@@ -1,5 +1,10 @@
 """Sample videos during training: every N steps and at the end, written as mp4 + PNG strips
-under run_dir/samples/step_XXXXXXXX/ and logged to wandb as video media."""
+under run_dir/samples/step_XXXXXXXX/ and logged to wandb as video media.
+
+Rank 0 samples and writes. Under DeepSpeed ZeRO-3 every forward gathers partitioned parameters
+with collectives, so there every rank runs the same generation (same seed, same result) and
+rank 0 alone writes; sampling on rank 0 alone would wait forever for the others.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +45,11 @@ class SampleVideos(pl.Callback):
         b = (buckets.video or buckets.buckets)[0]
         return f or b.num_frames, h or b.height, w or b.width
 
+    @staticmethod
+    def _ranks_sample(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether this rank takes part: rank 0, and every rank when parameters are partitioned."""
+        return trainer.is_global_zero or any(hasattr(p, "ds_id") for p in pl_module.parameters())
+
     @torch.no_grad()
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Path]:
         from sora_train.training.pipeline import VideoPipeline
@@ -49,9 +59,11 @@ class SampleVideos(pl.Callback):
         pipe = VideoPipeline(pl_module.vae, pl_module.text_encoder, dit, pl_module.flow, meta={"weights": "ema" if dit is not pl_module.dit else "dit", "step": trainer.global_step})
         F, H, W = self._shape(trainer)
         gen = pipe.generate(self.prompts, F, H, W, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed)
-        paths = pipe.save(gen, self.out_dir / f"step_{trainer.global_step:08d}", fps=self.fps)
         for m, mode in modes.items():  # the pipeline put them in eval mode
             m.train(mode)
+        if not trainer.is_global_zero:
+            return []
+        paths = pipe.save(gen, self.out_dir / f"step_{trainer.global_step:08d}", fps=self.fps)
         self._log(trainer, paths)
         self.written += paths
         return paths
@@ -64,9 +76,10 @@ class SampleVideos(pl.Callback):
                 logger.experiment.log({"samples/video": [wandb.Video(str(p), caption=c, format="mp4") for p, c in zip(paths, self.prompts)], "trainer/global_step": trainer.global_step})
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero and not trainer.fit_loop._should_accumulate():
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.fit_loop._should_accumulate() \
+                and self._ranks_sample(trainer, pl_module):
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and trainer.global_step > 0:
+        if trainer.global_step > 0 and self._ranks_sample(trainer, pl_module):
             self.sample(trainer, pl_module)

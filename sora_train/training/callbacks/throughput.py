@@ -1,4 +1,5 @@
-"""perf/samples_per_s, perf/tokens_per_s and perf/mfu, measured between optimizer steps."""
+"""perf/samples_per_s, perf/tokens_per_s and perf/mfu, measured between optimizer steps; and
+data/skipped, the corrupt samples the loader has skipped so far (this rank's workers)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class Throughput(pl.Callback):
             metrics = {"perf/samples_per_s": self._samples * world / dt, "perf/tokens_per_s": self._tokens * world / dt}
             if self.peak_flops and self._flops:
                 metrics["perf/mfu"] = self._flops / dt / self.peak_flops
+            skipped = getattr(trainer.datamodule, "skipped", None)
+            if skipped is not None:
+                metrics["data/skipped"] = float(skipped)
             pl_module.log_dict(metrics, rank_zero_only=True)
             self._t0, self._samples, self._tokens, self._flops = time.perf_counter(), 0, 0, 0.0
 
