@@ -54,6 +54,30 @@ def _probe(p: argparse.ArgumentParser) -> Runner:
     return probe.run
 
 
+@subcommand("preview", "PNG contact sheet of what the loader feeds, per bucket (frames + captions)")
+def _preview(p: argparse.ArgumentParser) -> Runner:
+    from sora_train.data_tools import preview
+
+    preview.add_arguments(p)
+    return preview.run
+
+
+@subcommand("cache-latents", "video shard set -> latent shard set (VAE latents, optional text embeddings) for DiT training")
+def _cache_latents(p: argparse.ArgumentParser) -> Runner:
+    from sora_train.data_tools import cache_latents
+
+    cache_latents.add_arguments(p)
+    return cache_latents.run
+
+
+@subcommand("recaption", "rewrite a shard set's captions with a re-writer (optionally from frames) -> a new shard set")
+def _recaption(p: argparse.ArgumentParser) -> Runner:
+    from sora_train.data_tools import recaption
+
+    recaption.add_arguments(p)
+    return recaption.run
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the uninformative ones (None, False)."""
 
@@ -63,18 +87,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Only the subcommand named in ``argv`` is configured (its module imported): listing all of
+    them must not import Lightning for ``cache-latents`` when the user runs ``probe``."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="sora-data", description="Footage -> shards, and tools over shard sets.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help, configure) in _SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
-        p.set_defaults(_run=configure(p))
+        if name == chosen:
+            p.set_defaults(_run=configure(p))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sora-data` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     from sora_train.utils.errors import SoraError
 
     try:
