@@ -47,8 +47,10 @@ class VideoDataModule(pl.LightningDataModule):
         decoder: "decord" or "pyav".
         max_skip_rate: corrupt-sample fraction that stops the run.
         seed: data order seed (the same on every rank).
-        prepare: optional callable run once per node before loading (e.g. generate the
-            shapes world if it is missing).
+        prepare: optional callable run before loading (e.g. generate the shapes world if it
+            is missing): once per run on global rank 0, or once per node with
+            ``prepare_per_node`` (node-local disks).
+        prepare_per_node: run ``prepare`` on every node's local rank 0 instead.
     """
 
     def __init__(
@@ -67,8 +69,11 @@ class VideoDataModule(pl.LightningDataModule):
         max_skip_rate: float = 0.05,
         seed: int = 0,
         prepare: Callable[[], Any] | None = None,
+        prepare_per_node: bool = False,
     ) -> None:
         super().__init__()
+        # Default: one writer for a shared filesystem; two nodes generating the same files collide.
+        self.prepare_data_per_node = prepare_per_node
         self.train_spec = train_shards if isinstance(train_shards, str) else list(train_shards)
         self.val_spec = val_shards if (val_shards is None or isinstance(val_shards, str)) else list(val_shards)
         self.bucket_cfg = [dict(b) for b in buckets]

@@ -196,13 +196,15 @@ def _remove(path: str) -> None:
 
 def find_resume_checkpoint(spec: str | None, run_dir: str | os.PathLike) -> str | None:
     """``resume``: None -> fresh run; "auto" -> newest complete checkpoint under
-    run_dir/checkpoints (None if there is none yet); a path -> that checkpoint."""
+    run_dir/checkpoints, or Lightning's Slurm requeue checkpoint (run_dir/hpc_ckpt_N.ckpt) when
+    that is newer (None if there is none yet); a path -> that checkpoint."""
     if spec in (None, "", "null", "none", False):
         return None
     if spec == "auto":
         ckpt_dir = Path(run_dir) / "checkpoints"
+        hpc = sorted(Path(run_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
         if not ckpt_dir.is_dir():
-            return None
+            return str(hpc[-1]) if hpc else None
         best: tuple[int, str] | None = None
         for p in ckpt_dir.iterdir():
             if p.name.endswith(PARTIAL) or not p.name.endswith(".ckpt"):
@@ -213,6 +215,8 @@ def find_resume_checkpoint(spec: str | None, run_dir: str | os.PathLike) -> str 
                 step = -1  # prefer an explicitly numbered checkpoint; last.ckpt is a copy of one
             if best is None or step > best[0]:
                 best = (step, str(p))
+        if hpc and (best is None or hpc[-1].stat().st_mtime > Path(best[1]).stat().st_mtime):
+            return str(hpc[-1])  # saved at the Slurm time-limit signal, after the last periodic one
         return best[1] if best else None
     if not os.path.exists(str(spec)):
         raise SoraError(f"resume={spec}: no such checkpoint")
