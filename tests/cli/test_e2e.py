@@ -141,3 +141,13 @@ def test_demo_chain_at_the_smallest_size(tmp_path):
     with Image.open(demo / "loss_curves.png") as im:
         im.load()
         assert im.size[0] > 100
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_an_export(smoke_run, tmp_path):
+    """Job 2: a new run initialised from a previous run's export (safetensors, no pickle)."""
+    run_dir, data = smoke_run
+    p = run([str(BIN / "sora-train"), "experiment=smoke", f"hydra.run.dir={tmp_path / 'ft'}", f"paths.data_dir={data}",
+             f"init_from={run_dir / 'export'}", f"vae_ckpt={run_dir / 'export'}", "trainer.max_steps=2", "callbacks.samples=null"])
+    assert "initialised from" in (p.stdout + p.stderr)
+    assert (tmp_path / "ft" / "export" / "model.safetensors").exists()
