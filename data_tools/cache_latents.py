@@ -120,9 +120,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 # -- loading the models ----------------------------------------------------------------------
 def load_part(export_dir: str | os.PathLike, part: str, option: str) -> torch.nn.Module:
-    """One part of an export (`sora_train.training.export.load_parts`: safetensors + model.json,
+    """One part of an export (`sora_train.models.export.load_parts`: safetensors + model.json,
     only sora_train classes; the one thing this tool takes from `training`)."""
-    from sora_train.training.export import load_parts
+    from sora_train.models.export import load_parts
 
     try:
         parts, _ = load_parts(export_dir, [part])

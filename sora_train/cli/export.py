@@ -71,7 +71,7 @@ def export_checkpoint(cfg: DictConfig, ckpt: str | os.PathLike, out_dir: str | o
 
     from sora_train.cli.train import _is_vae_task, build_module, export_run
     from sora_train.parallel.consolidate import read_checkpoint_weights
-    from sora_train.training.export import _is_derived
+    from sora_train.models.export import _is_derived
 
     state, meta = read_checkpoint_weights(ckpt)
     cfg = copy.deepcopy(cfg)

@@ -37,7 +37,7 @@ def _is_vae_task(cfg: DictConfig) -> bool:
 
 def build_module(cfg: DictConfig):
     """The LightningModule of the run with every part built from the config."""
-    from sora_train.training.export import load_parts
+    from sora_train.models.export import load_parts
 
     optimizer = _instantiate(cfg.optimizer)
     scheduler = _instantiate(cfg.scheduler) if cfg.get("scheduler") else None
@@ -81,7 +81,7 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, out_dir: Path
     """Write run_dir/export (or ``out_dir``): safetensors weights + model.json (what sora-sample
     reads). ``step``: the training step recorded (default: the module's global step)."""
     from sora_train.data.shards import read_index
-    from sora_train.training.export import export_parts
+    from sora_train.models.export import export_parts
 
     meta = {"task": "vae" if _is_vae_task(cfg) else "dit", "step": int(module.global_step if step is None else step), "sampler": OmegaConf.to_container(cfg.diffusion.get("sampler") or {}, resolve=True), "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True)}
     if meta["task"] == "vae":

@@ -55,7 +55,7 @@ LATENT_FORMAT = "sora_train.latents/1"
 LATENT_MEMBERS = ("latent.safetensors", "latent.npy")
 TEXT_MEMBER = "text.safetensors"
 LATENT_KEY = "latent"  # tensor name inside latent.safetensors
-# Where an export keeps its parts (mirrors sora_train/training/export.py, which data may not
+# Where an export keeps its parts (mirrors sora_train/models/export.py, which data may not
 # import; tests check that export_fingerprint(export) == module_fingerprint(module)).
 _EXPORT_CONFIG, _EXPORT_WEIGHTS = "model.json", "model.safetensors"
 

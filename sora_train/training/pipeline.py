@@ -67,7 +67,7 @@ class VideoPipeline:
     def from_export(cls, path: str | Path, use_ema: bool = True, rewriter: Any = None, vae_path: str | Path | None = None) -> "VideoPipeline":
         from hydra.utils import instantiate
 
-        from sora_train.training.export import load_parts
+        from sora_train.models.export import load_parts
 
         parts, meta = load_parts(path)
         if vae_path is not None:

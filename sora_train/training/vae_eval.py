@@ -24,7 +24,7 @@ from sora_train.data.buckets import BucketTable
 from sora_train.data.dataset import ShardVideoDataset, expand_shards
 from sora_train.data.shards import read_index
 from sora_train.models.vae.losses import psnr, ssim
-from sora_train.training.export import load_parts
+from sora_train.models.export import load_parts
 from sora_train.training.pipeline import to_uint8, write_strip
 from sora_train.utils import atomic_write_bytes, atomic_write_json
 from sora_train.utils.errors import SoraError

@@ -31,7 +31,7 @@ from sora_train.data.shards import REQUIRED_META, iter_samples, read_index, shar
 from sora_train.data_tools.cache_latents import CacheOptions, cache_latents
 from sora_train.models.text import TinyTextEncoder
 from sora_train.models.vae import build_vae
-from sora_train.training.export import export_parts
+from sora_train.models.export import export_parts
 from sora_train.utils.errors import SoraError
 
 SHAPE = (9, 32, 32)

@@ -10,7 +10,7 @@ import torch
 from sora_train.data.shapes import ShapesWorld, generate_shards
 from sora_train.data.video_io import decode_video, probe_video
 from sora_train.models.vae import build_vae
-from sora_train.training.export import export_parts
+from sora_train.models.export import export_parts
 from sora_train.training.vae_eval import evaluate_vae
 from sora_train.utils.errors import SoraError
 
