@@ -1,6 +1,8 @@
 """sora-eval: measure what a run produced.
 
   sora-eval loss-plot RUN_DIR [RUN_DIR ...] --out loss.png     loss curves of one or more runs
+  sora-eval vae --vae EXPORT --shards DIR [--out DIR]             VAE reconstruction PSNR/SSIM + side-by-side video
+  sora-eval shapes --ckpt RUN_DIR/export [--out DIR] [--fast]    caption adherence and prompting modes, from pixels
 """
 
 from __future__ import annotations
@@ -43,6 +45,63 @@ def loss_plot(args: argparse.Namespace) -> int:
         raise SoraError(f"--labels: {len(args.labels)} labels for {len(files)} runs")
     out = combine_plots(files, args.out, labels=args.labels or [Path(r).name for r in args.runs])
     print(f"wrote {out}")
+    return 0
+
+
+def _shapes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="DiT export directory (run_dir/export of a shapes-world run)")
+    p.add_argument("--out", default=None, help="report directory (default: <ckpt>/../eval_shapes)")
+    p.add_argument("--num-per-combo", type=int, default=1, help="text-to-video samples per caption combination")
+    p.add_argument("--max-combos", type=int, default=None, help="at most this many combinations per group, seen / held out (default: all)")
+    p.add_argument("--clips-per-mode", type=int, default=16, help="ground-truth clips prompted per mode (i2v, extension, interpolation)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the export's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the export's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--data", default=None, help="shapes dataset root whose index.json names the held-out pairs (default: the export's record)")
+    p.add_argument("--fast", action="store_true", help="a quick check that everything runs: 2 steps, a few combos and clips")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("shapes", _shapes_args)
+def shapes(args: argparse.Namespace) -> int:
+    """Caption adherence, prompting modes and consistency of a shapes-world DiT, read from pixels."""
+    from sora_train.training.shapes_eval import ShapesEvalSettings, print_table, run_shapes_eval
+
+    settings = ShapesEvalSettings(num_per_combo=args.num_per_combo, max_combos=args.max_combos, clips_per_mode=args.clips_per_mode,
+                                  steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size, fast=args.fast)
+    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval_shapes"
+    report = run_shapes_eval(args.ckpt, out, settings, data_dir=args.data, progress=not args.no_progress)
+    print_table(report)
+    print(f"wrote {out / 'report.json'}")
+    return 0
+
+
+def _vae_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", required=True, help="an export directory holding a 'vae' part")
+    p.add_argument("--shards", required=True, help="a video shard set (directory with index.json, glob or brace pattern)")
+    p.add_argument("--num-frames", type=int, help="clip shape (default: the set's most common shape, cut to what the VAE takes)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--max-samples", type=int, default=64, help="clips to measure")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-videos", type=int, default=4, help="clips shown input | reconstruction in the mp4 and PNG")
+    p.add_argument("--chunk-frames", type=int, help="encode/decode time in chunks (long clips)")
+    p.add_argument("--tile", type=int, help="encode/decode spatial tiles of this many pixels")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="vae_eval", help="directory for vae_eval.json, reconstructions.mp4/.png")
+
+
+@command("vae", _vae_args)
+def vae(args: argparse.Namespace) -> int:
+    """Reconstruction PSNR/SSIM of a VAE export on a shard set, with input | reconstruction videos."""
+    from sora_train.training.vae_eval import evaluate_vae, print_report
+
+    result = evaluate_vae(
+        args.vae, args.shards, args.out, num_frames=args.num_frames, height=args.height, width=args.width, max_samples=args.max_samples,
+        batch_size=args.batch_size, num_videos=args.num_videos, chunk_frames=args.chunk_frames, tile=args.tile, device=args.device,
+    )
+    print_report(result, args.out)
     return 0
 
 

@@ -1,0 +1,177 @@
+"""sora-eval shapes: the metric code is right on ground truth, and the command writes a
+complete report from a (tiny, random) export through the real entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sora_train.data.shapes import AttributeReader, ShapeAttrs, ShapesWorld, default_heldout
+from sora_train.training import shapes_eval as se
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+WORLD = ShapesWorld()  # 32x32, 17 frames: what the quality recipe trains on
+
+
+# -- the metric code, on ground truth (no model) ------------------------------------------------
+def test_ground_truth_scores_are_perfect():
+    gt = se.ground_truth_check(WORLD, num_clips=24, seed=3)
+    acc = gt["t2v"]["accuracy"]
+    assert acc["colour"] == acc["direction"] == acc["size"] == 1.0
+    assert acc["shape"] >= 0.95 and acc["joint"] >= 0.95
+    assert gt["t2v"]["present"] == 1.0
+    assert gt["seam_error_px"]["measured_fraction"] == 1.0 and gt["seam_error_px"]["mean"] < 0.1
+    assert gt["mid_error_frac"]["measured_fraction"] == 1.0 and gt["mid_error_frac"]["mean"] < 0.01
+    tc = gt["t2v"]["temporal"]
+    assert tc["present_fraction"] == 1.0 and tc["area_rel_std"] < 0.05 and tc["colour_rel_std"] < 0.05 and tc["track_rmse"] < 0.01
+
+
+def test_metrics_see_what_they_should_not_ignore():
+    """A jump at the seam, a mid frame off the path, a wrong caption: each is measured."""
+    reader = AttributeReader(WORLD)
+    attrs = ShapeAttrs("red", "square", "right", "large")
+    clip = se.render_clip(WORLD, attrs, seed=0, stream=1, index=0)  # (F, H, W, 3)
+    assert se.seam_error_px(reader, clip, 3) < 0.1
+    jumped = clip.copy()
+    jumped[3:] = np.roll(clip[3:], 3, axis=1)  # new frames 3 px lower than the motion predicts
+    assert se.seam_error_px(reader, jumped, 3) == pytest.approx(3.0, abs=0.2)
+
+    c = se.centroids(reader, clip)
+    F = len(clip)
+    assert se.interpolation_error(reader, clip, c[0], c[-1], F - 1) < 0.01
+    stuck = clip.copy()
+    stuck[(F - 1) // 2] = clip[0]  # the mid frame never left the start
+    assert se.interpolation_error(reader, stuck, c[0], c[-1], F - 1) == pytest.approx(0.5, abs=0.03)
+
+    wrong = se.score_caption(reader, clip, ShapeAttrs("blue", "square", "left", "large"))
+    assert wrong["hits"] == {"colour": False, "shape": True, "direction": False, "size": True, "joint": False}
+    assert se.psnr_db(clip[0], clip[0]) == se.PSNR_CAP_DB
+    noisy = np.clip(clip[0].astype(int) + 8, 0, 255).astype(np.uint8)
+    assert 28 < se.psnr_db(noisy, clip[0]) < 31  # an error of 8/255 everywhere is 30.0 dB
+
+
+def test_combos_split_by_heldout_pairs_and_cap():
+    held_pairs = default_heldout(0)
+    seen, held = se.split_combos(held_pairs)
+    assert len(seen) + len(held) == len(ShapesWorld.combos())
+    assert {a.pair for a in held} == set(held_pairs) and not {a.pair for a in seen} & set(held_pairs)
+    seen4, held4 = se.split_combos(held_pairs, max_combos=4, seed=1)
+    assert len(seen4) == len(held4) == 4 and set(seen4) <= set(seen) and set(held4) <= set(held)
+
+
+def test_heldout_pairs_come_from_metadata_then_data_then_default(tmp_path):
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    recorded = {"train_data": {"heldout_pairs": [["red", "circle"]], "world": WORLD.options()}}
+    assert se.data_facts(export, recorded, None, 0)["heldout_pairs"] == [["red", "circle"]]
+    data = tmp_path / "shapes" / "train"
+    data.mkdir(parents=True)
+    (data / "index.json").write_text(json.dumps({"options": {"heldout_pairs": [["blue", "square"]]}}))
+    facts = se.data_facts(export, recorded, tmp_path / "shapes", 0)
+    assert facts["heldout_pairs"] == [["blue", "square"]] and "--data" in facts["heldout_source"]
+    facts = se.data_facts(export, {}, None, 5)
+    assert facts["heldout_pairs"] == [list(p) for p in default_heldout(5)] and facts["heldout_source"] == "default_heldout(5)"
+
+
+# -- the command, on a tiny random export -------------------------------------------------------
+def _tiny_export(run_dir: Path) -> Path:
+    import torch
+
+    from sora_train.models.dit import build_dit
+    from sora_train.models.text import TinyTextEncoder
+    from sora_train.models.vae import build_vae
+    from sora_train.models.export import export_parts
+
+    torch.manual_seed(0)
+    world = ShapesWorld(num_frames=9)
+    text = TinyTextEncoder(dim=32, depth=1, num_heads=2)
+    vae = build_vae("debug")
+    dit = build_dit("debug", in_channels=vae.latent_channels, text_dim=text.dim)
+    meta = {
+        "task": "dit", "step": 4, "sampler": {"steps": 2},
+        "train_shape": {"num_frames": world.num_frames, "height": world.height, "width": world.width},
+        "train_data": {"heldout_pairs": [list(p) for p in default_heldout(0)], "world": world.options()},
+    }
+    out = export_parts(run_dir / "export", {"vae": vae, "text": text, "dit": dit}, meta)
+    # what LossPlot leaves in a run dir: val loss per timestep bin, over steps
+    history = {f"val/loss_t{a / 10:.1f}-{(a + 1) / 10:.1f}": [[2, 1.0 + a / 10], [4, 0.9 + a / 10]] for a in range(10)}
+    (run_dir / "plots").mkdir()
+    (run_dir / "plots" / "loss_history.json").write_text(json.dumps(history))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fast_report(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    export = _tiny_export(run_dir)
+    out = run_dir / "eval"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    p = subprocess.run([str(BIN / "sora-eval"), "shapes", "--ckpt", str(export), "--out", str(out), "--fast", "--no-progress"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p.stdout
+
+
+def _walk(x, path=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _walk(v, f"{path}.{k}" if path else k)
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, x
+
+
+def test_fast_eval_writes_a_complete_report(fast_report):
+    out, stdout = fast_report
+    report = json.loads((out / "report.json").read_text())  # strict JSON: no NaN/Infinity
+    for key in ("export", "settings", "heldout_pairs", "heldout_source", "t2v", "i2v", "extend", "interpolate", "vae",
+                "ground_truth", "targets", "val_loss_by_t", "timings", "files"):
+        assert key in report, key
+    assert report["heldout_source"] == "export metadata" and report["settings"]["fast"] is True
+    for group in ("seen", "heldout", "all"):
+        g = report["t2v"][group]
+        assert g["n"] > 0
+        assert set(g["accuracy"]) == {"colour", "shape", "direction", "size", "joint"}
+        assert all(0.0 <= v <= 1.0 for v in g["accuracy"].values())
+        assert set(g["temporal"]) == {"present_fraction", "area_rel_std", "colour_rel_std", "track_rmse"}
+    assert 0 <= report["i2v"]["direction_accuracy"] <= 1 and 0 <= report["extend"]["direction_accuracy"] <= 1
+    for psnr in (report["i2v"]["frame0_psnr_db"], report["vae"]["recon_psnr_db"]):
+        assert math.isfinite(psnr) and 0 < psnr <= se.PSNR_CAP_DB
+    assert report["extend"]["num_given_frames"] == 3 and report["interpolate"]["end_frame"] == 7
+    for key in ("seam_error_px", "measured_fraction"):  # nan (object missing) would be null
+        v = report["extend"][key]
+        assert v is None or (math.isfinite(v) and v >= 0)
+    assert set(report["targets"]) == set(se.TARGETS)
+    assert all(isinstance(t["pass"], bool) for t in report["targets"].values())
+    assert len(report["val_loss_by_t"]) == 10
+    for path, v in _walk(report["ground_truth"]):
+        assert v is None or isinstance(v, (int, float, str)), path
+    assert report["ground_truth"]["t2v"]["accuracy"]["colour"] == 1.0  # the reader itself works at 9 frames
+
+    from PIL import Image
+
+    for name in ("samples.png", "accuracy.png", "val_loss_by_t.png"):
+        with Image.open(out / name) as img:
+            img.load()
+            assert img.size[0] > 100 and img.size[1] > 50, name
+    assert "targets" in stdout and "held-out joint accuracy" in stdout
+
+
+def test_bad_checkpoint_is_one_line_error(tmp_path, capsys):
+    from sora_train.cli.eval import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["shapes", "--ckpt", str(tmp_path / "nope"), "--fast", "--no-progress"])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "not a sora_train export" in lines[0]
