@@ -20,6 +20,10 @@ learned judge to fool) on videos the checkpoint generates:
 - **ground truth**: the same scoring on rendered clips (no model): the metric's ceiling —
   ~100% accuracy, ~0 px seam error, ~0 interpolation error, or the metric code is wrong.
 
+Ground-truth clips are rendered by :class:`ShapesWorld` and passed through the dataset's own
+H.264 encode/decode (:class:`Codec`, from its index.json options), so prompts and references
+are what the model was trained on.
+
 Outputs in ``--out``: ``report.json`` (all numbers), ``samples.png`` (generated clips with
 their captions and what was read back), ``accuracy.png`` (per-attribute accuracy, seen vs
 held out, with the targets) and, when the export's run directory has
@@ -195,10 +199,28 @@ def _summary(values: Sequence[float]) -> dict[str, Any]:
 
 
 # -- ground-truth clips ------------------------------------------------------------------------
-def render_clip(world: ShapesWorld, attrs: ShapeAttrs, seed: int, stream: int, index: int) -> np.ndarray:
-    """A ground-truth clip (F, H, W, 3) uint8, reproducible from (seed, stream, index)."""
+@dataclass(frozen=True)
+class Codec:
+    """How the dataset's clips were encoded (index.json options). Ground-truth clips go
+    through the same encode/decode, so the model is prompted with (and compared against) what
+    it trained on: H.264's 4:2:0 chroma halves the resolution of colour edges, and a VAE that
+    learned those edges scores ~4 dB lower against the renderer's sharp frames."""
+
+    container: str = "mp4"
+    codec: str | None = None
+    crf: int = 18
+
+
+def render_clip(world: ShapesWorld, attrs: ShapeAttrs, seed: int, stream: int, index: int, codec: Codec | None = None) -> np.ndarray:
+    """A ground-truth clip (F, H, W, 3) uint8, reproducible from (seed, stream, index);
+    through ``codec``'s encode/decode round trip when given, as the dataset's clips are."""
     rng = np.random.default_rng([seed, stream, index])
-    return world.draw(attrs, world.sample_motion(attrs, rng))
+    frames = world.draw(attrs, world.sample_motion(attrs, rng))  # (F, H, W, 3)
+    if codec is None:
+        return frames
+    from sora_train.data.video_io import decode_video, encode_video
+
+    return decode_video(encode_video(frames, world.fps, container=codec.container, codec=codec.codec, crf=codec.crf))
 
 
 def split_combos(heldout: Sequence[Sequence[str]], max_combos: int | None = None, seed: int = 0) -> tuple[list[ShapeAttrs], list[ShapeAttrs]]:
@@ -227,8 +249,9 @@ def mode_combos(seen: Sequence[ShapeAttrs], n: int, seed: int, stream: int) -> l
     return [seen[int(i)] for i in order[:n]]
 
 
-def ground_truth_check(world: ShapesWorld, reader: AttributeReader | None = None, num_clips: int = 32, seed: int = 0, num_given: int = 3) -> dict[str, Any]:
-    """The scoring functions on rendered clips (no model): what a perfect model would score.
+def ground_truth_check(world: ShapesWorld, reader: AttributeReader | None = None, num_clips: int = 32, seed: int = 0, num_given: int = 3, codec: Codec | None = None) -> dict[str, Any]:
+    """The scoring functions on rendered clips (no model; through ``codec`` when given, like
+    the dataset's): what a perfect model would score.
 
     Returns caption accuracy (t2v section's format), seam error (px) of continuing the first
     ``num_given`` frames with the true ones, and interpolation error of the true mid frame."""
@@ -237,12 +260,13 @@ def ground_truth_check(world: ShapesWorld, reader: AttributeReader | None = None
     records, seams, interps = [], [], []
     F = world.num_frames
     for i, attrs in enumerate(combos):
-        clip = render_clip(world, attrs, seed, _MODE_STREAMS["extend"], i)
+        clip = render_clip(world, attrs, seed, _MODE_STREAMS["extend"], i, codec)
         records.append(score_caption(reader, clip, attrs))
         seams.append(seam_error_px(reader, clip, num_given))
         c = centroids(reader, clip)
         interps.append(interpolation_error(reader, clip, c[0], c[F - 1], F - 1))
-    return {"t2v": summarize_captions(records), "seam_error_px": _summary(seams), "mid_error_frac": _summary(interps)}
+    return {"codec": None if codec is None else asdict(codec), "t2v": summarize_captions(records),
+            "seam_error_px": _summary(seams), "mid_error_frac": _summary(interps)}
 
 
 # -- where the run's data facts live ---------------------------------------------------------------
@@ -273,20 +297,27 @@ def _hydra_train_shards(run_dir: Path) -> Path | None:
 
 
 def data_facts(export_dir: Path, meta: dict[str, Any], data_dir: str | Path | None, seed: int) -> dict[str, Any]:
-    """-> {"heldout_pairs", "heldout_source", "world" (options or None)}."""
+    """-> {"heldout_pairs", "heldout_source", "world" (options or None), "codec" (Codec)}."""
+    facts = _data_facts(export_dir, meta, data_dir, seed)
+    opts = facts.pop("options", None) or {}
+    facts["codec"] = Codec(str(opts.get("container", "mp4")), opts.get("codec"), int(opts.get("crf", 18)))
+    return facts
+
+
+def _data_facts(export_dir: Path, meta: dict[str, Any], data_dir: str | Path | None, seed: int) -> dict[str, Any]:
     if data_dir is not None:
         opts = _index_options(Path(data_dir))
         if opts is None or "heldout_pairs" not in opts:
             raise SoraError(f"--data {data_dir}: no shapes dataset index.json with heldout_pairs there (or in its train/)")
-        return {"heldout_pairs": opts["heldout_pairs"], "heldout_source": f"--data {data_dir}", "world": opts.get("world")}
+        return {"heldout_pairs": opts["heldout_pairs"], "heldout_source": f"--data {data_dir}", "world": opts.get("world"), "options": opts}
     recorded = meta.get("train_data") or {}
     if "heldout_pairs" in recorded:
-        return {"heldout_pairs": recorded["heldout_pairs"], "heldout_source": "export metadata", "world": recorded.get("world")}
+        return {"heldout_pairs": recorded["heldout_pairs"], "heldout_source": "export metadata", "world": recorded.get("world"), "options": recorded}
     shards = _hydra_train_shards(export_dir.parent)
     if shards is not None:
         opts = _index_options(shards)
         if opts and "heldout_pairs" in opts:
-            return {"heldout_pairs": opts["heldout_pairs"], "heldout_source": f"{shards}/index.json", "world": opts.get("world")}
+            return {"heldout_pairs": opts["heldout_pairs"], "heldout_source": f"{shards}/index.json", "world": opts.get("world"), "options": opts}
     return {"heldout_pairs": [list(p) for p in default_heldout(seed)], "heldout_source": f"default_heldout({seed})", "world": None}
 
 
@@ -322,7 +353,7 @@ def evaluate_t2v(pipe, reader: AttributeReader, world: ShapesWorld, combos: Sequ
     return records, videos
 
 
-def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequence[ShapeAttrs], s: ShapesEvalSettings, advance: Callable[[int], None]) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequence[ShapeAttrs], s: ShapesEvalSettings, advance: Callable[[int], None], codec: Codec | None = None) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
     """i2v, forward extension and interpolation from ground-truth clips of seen combinations."""
     F, H, W = world.num_frames, world.height, world.width
     f = pipe.latent_shape(F, H, W)[0]
@@ -340,7 +371,7 @@ def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequ
 
     psnrs, i2v_dir, i2v_keep = [], [], []
     for i, attrs in enumerate(mode_combos(seen, n, s.seed, _MODE_STREAMS["i2v"])):
-        clip = render_clip(world, attrs, s.seed, _MODE_STREAMS["i2v"], i)
+        clip = render_clip(world, attrs, s.seed, _MODE_STREAMS["i2v"], i, codec)
         out = _to_uint8(pipe.generate([attrs.caption()], F, H, W, mode="i2v", image=clip[0], seed=s.seed + i, **kw).video)[0]
         psnrs.append(psnr_db(out[0], clip[0]))
         got = reader.read(out)
@@ -351,7 +382,7 @@ def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequ
 
     seams, ext_dir = [], []
     for i, attrs in enumerate(mode_combos(seen, n, s.seed, _MODE_STREAMS["extend"])):
-        clip = render_clip(world, attrs, s.seed, _MODE_STREAMS["extend"], i)
+        clip = render_clip(world, attrs, s.seed, _MODE_STREAMS["extend"], i, codec)
         out = _to_uint8(pipe.generate([attrs.caption()], F, H, W, mode="extend_forward", video=clip[:num_given],
                                       context_latents=k, seed=s.seed + i, **kw).video)[0]
         seams.append(seam_error_px(reader, out, num_given))
@@ -361,7 +392,7 @@ def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequ
 
     interps = []
     for i, attrs in enumerate(mode_combos(seen, n, s.seed, _MODE_STREAMS["interpolate"])):
-        clip = render_clip(world, attrs, s.seed, _MODE_STREAMS["interpolate"], i)
+        clip = render_clip(world, attrs, s.seed, _MODE_STREAMS["interpolate"], i, codec)
         ends = centroids(reader, clip)  # the given frames' object positions
         out = _to_uint8(pipe.generate([attrs.caption()], F, H, W, mode="interpolate", image=clip[0], last_image=clip[-1],
                                       seed=s.seed + i, **kw).video)[0]
@@ -382,18 +413,19 @@ def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequ
     return result, samples
 
 
-def evaluate_vae(vae, world: ShapesWorld, num_clips: int, seed: int) -> dict[str, Any]:
-    """Reconstruction PSNR (dB, uint8 frames) of ground-truth clips through the VAE."""
+def evaluate_vae(vae, world: ShapesWorld, num_clips: int, seed: int, codec: Codec | None = None) -> dict[str, Any]:
+    """Reconstruction PSNR (dB, uint8 frames) of ground-truth clips (as the dataset encodes
+    them, with ``codec``) through the VAE."""
     import torch
 
     combos = mode_combos(ShapesWorld.combos(), num_clips, seed, _MODE_STREAMS["vae"])
-    clips = np.stack([render_clip(world, a, seed, _MODE_STREAMS["vae"], i) for i, a in enumerate(combos)])  # (B, F, H, W, 3)
+    clips = np.stack([render_clip(world, a, seed, _MODE_STREAMS["vae"], i, codec) for i, a in enumerate(combos)])  # (B, F, H, W, 3)
     x = torch.from_numpy(clips).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)  # (B, 3, F, H, W)
     with torch.no_grad():
         recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)  # (B, 3, F, H, W)
     out = _to_uint8(recon)
     values = [psnr_db(o, c) for o, c in zip(out, clips)]
-    return {"n": len(values), "recon_psnr_db": float(np.mean(values)), "recon_psnr_db_min": float(np.min(values))}
+    return {"n": len(values), "num_frames": world.num_frames, "recon_psnr_db": float(np.mean(values)), "recon_psnr_db_min": float(np.min(values))}
 
 
 def check_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -436,13 +468,13 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
         held_records, held_videos = evaluate_t2v(pipe, reader, world, held, s, bar.advancer("text-to-video"), salt=1)
         timings["t2v_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        modes, mode_samples = evaluate_modes(pipe, reader, world, seen, s, bar.advancer("prompting modes"))
+        modes, mode_samples = evaluate_modes(pipe, reader, world, seen, s, bar.advancer("prompting modes"), facts["codec"])
         timings["modes_s"] = time.perf_counter() - t
     finally:
         bar.stop()
     t = time.perf_counter()
-    vae = evaluate_vae(pipe.vae, world, num_clips=max(4, s.clips_per_mode), seed=s.seed)
-    gt = ground_truth_check(world, reader, num_clips=max(8, s.clips_per_mode), seed=s.seed)
+    vae = evaluate_vae(pipe.vae, world, num_clips=max(4, s.clips_per_mode), seed=s.seed, codec=facts["codec"])
+    gt = ground_truth_check(world, reader, num_clips=max(8, s.clips_per_mode), seed=s.seed, codec=facts["codec"])
     timings["vae_and_ground_truth_s"] = time.perf_counter() - t
 
     report: dict[str, Any] = {
@@ -455,6 +487,7 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
                                  **({"guidance_scale": s.guidance_scale} if s.guidance_scale is not None else {})}},
         "heldout_pairs": [list(p) for p in facts["heldout_pairs"]],
         "heldout_source": facts["heldout_source"],
+        "ground_truth_codec": asdict(facts["codec"]),
         "t2v": {"seen": summarize_captions(seen_records), "heldout": summarize_captions(held_records),
                 "all": summarize_captions(seen_records + held_records)},
         **modes,

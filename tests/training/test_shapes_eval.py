@@ -34,6 +34,14 @@ def test_ground_truth_scores_are_perfect():
     assert tc["present_fraction"] == 1.0 and tc["area_rel_std"] < 0.05 and tc["colour_rel_std"] < 0.05 and tc["track_rmse"] < 0.01
 
 
+def test_ground_truth_scores_survive_the_datasets_codec():
+    """The clips the model is prompted with go through H.264 like the training data; the
+    scoring must stay right on them (the reader was built for decoded video)."""
+    gt = se.ground_truth_check(WORLD, num_clips=12, seed=4, codec=se.Codec())
+    assert gt["t2v"]["accuracy"]["joint"] >= 0.9 and gt["t2v"]["accuracy"]["colour"] == 1.0
+    assert gt["seam_error_px"]["mean"] < 0.3 and gt["mid_error_frac"]["mean"] < 0.02
+
+
 def test_metrics_see_what_they_should_not_ignore():
     """A jump at the seam, a mid frame off the path, a wrong caption: each is measured."""
     reader = AttributeReader(WORLD)
@@ -138,6 +146,7 @@ def test_fast_eval_writes_a_complete_report(fast_report):
                 "ground_truth", "targets", "val_loss_by_t", "timings", "files"):
         assert key in report, key
     assert report["heldout_source"] == "export metadata" and report["settings"]["fast"] is True
+    assert report["ground_truth_codec"]["crf"] == 18  # the dataset's encoding (default when not recorded)
     for group in ("seen", "heldout", "all"):
         g = report["t2v"][group]
         assert g["n"] > 0
