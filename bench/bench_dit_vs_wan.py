@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=1, help="timed steps per model per round")
     p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for both (default: torch's default)")
-    p.add_argument("--profile", action="store_true", help="also profile one step of each")
+    p.add_argument("--profile", action="store_true", help="also profile one step of each (per-op wall time: noisy on a shared machine)")
     p.add_argument("--profile-rows", type=int, default=18)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
