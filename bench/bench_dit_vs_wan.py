@@ -10,7 +10,8 @@ latent (16 channels, so the same token count N), the text length L and text widt
 timestep frequencies, QK RMSNorm and a LayerNorm before cross-attention. What differs is the
 design, and is part of what is measured:
 
-- ours: a per-block adaLN Linear (D -> 6D, per sample), a pooled-text MLP added to the
+- ours: adaLN as the size registry sets it (100M and up: one shared D -> 6D Linear plus a
+  per-block table, as Wan; ``--modulation per_block`` for DiT's Linear per block), a pooled-text MLP added to the
   timestep conditioning, a key-padding mask on cross-attention, per-head QK RMSNorm, 3D RoPE
   in half-split layout, one fused qkv Linear, a 1-channel cond mask concatenated to the input;
 - Wan: one shared time projection (D -> 6D) plus a learned per-block table, no text mask,
@@ -40,10 +41,11 @@ from sora_train.models.dit.dit import FREQUENCY_EMBEDDING_SIZE, TIMESTEP_SCALE
 LATENT_CHANNELS = 16  # Wan2.1's VAE latent width; ours matches it in this comparison
 
 
-def build_pair(size: str, text_dim: int):
+def build_pair(size: str, text_dim: int, modulation: str | None = None):
     from diffusers import WanTransformer3DModel
 
-    ours = build_dit(size, in_channels=LATENT_CHANNELS, text_dim=text_dim)
+    overrides = {} if modulation is None else {"modulation": modulation}
+    ours = build_dit(size, in_channels=LATENT_CHANNELS, text_dim=text_dim, **overrides)
     wan = WanTransformer3DModel(
         patch_size=ours.patch_size,
         num_attention_heads=ours.num_heads,
@@ -96,6 +98,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="100M", help="our DiT size (sora_train/models/dit/sizes.py); Wan is matched to it")
     p.add_argument("--latent", default="4x32x32", help="latent f x h x w; with patch (1,2,2): f*h*w/4 tokens")
+    p.add_argument("--modulation", default=None, choices=["per_block", "shared"], help="override our size's adaLN modulation")
     p.add_argument("--text-len", type=int, default=64, help="text tokens L (all real)")
     p.add_argument("--text-dim", type=int, default=4096, help="text encoder width (umT5-XXL: 4096)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both")
@@ -109,7 +112,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     f, h, w = (int(v) for v in args.latent.split("x"))
-    ours, wan = build_pair(args.size, args.text_dim)
+    ours, wan = build_pair(args.size, args.text_dim, args.modulation)
     ours.train()
     wan.train()
     pt, ph, pw = ours.patch_size
@@ -134,11 +137,11 @@ def main() -> None:
         f"patch={ours.patch_size}; latent {LATENT_CHANNELS}x{f}x{h}x{w} -> N={tokens} tokens, L={args.text_len} x {args.text_dim}; "
         f"fp32, batch 1, {args.threads} thread(s), torch {torch.__version__}"
     )
-    ada_ours = sum(q.numel() for b in ours.blocks for q in b.adaLN_modulation.parameters())
+    ada_ours = sum(q.numel() for n, q in ours.named_parameters() if "modulation" in n and not n.startswith("final_layer"))
     ada_wan = sum(q.numel() for q in wan.condition_embedder.time_proj.parameters()) + sum(b.scale_shift_table.numel() for b in wan.blocks)
     print(
         f"params: ours {params['ours'] / 1e6:.2f} M, wan {params['wan'] / 1e6:.2f} M; block modulation: ours {ada_ours / 1e6:.2f} M "
-        f"(a D->6D Linear per block), wan {ada_wan / 1e6:.2f} M (one shared D->6D Linear + a 6xD table per block)"
+        f"({ours.modulation}), wan {ada_wan / 1e6:.2f} M (one shared D->6D Linear + a 6xD table per block)"
     )
     for name in ("ours", "wan"):  # warm-up: allocator, AdamW state, oneDNN primitive caches
         steps[name]()

@@ -79,15 +79,22 @@ def test_input_errors():
         build_dit("debug", C, TEXT_DIM, hidden_sise=3)
     with pytest.raises(SoraError, match="num_heads"):
         build_dit("debug", C, TEXT_DIM, num_heads=3)
+    with pytest.raises(SoraError, match="modulation"):
+        build_dit("debug", C, TEXT_DIM, modulation="global")
+
+
+MODULATIONS = ["per_block", "shared"]
 
 
 @torch.no_grad()
-def test_adaln_zero_identity_at_init():
-    model = make()
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_adaln_zero_identity_at_init(modulation):
+    model = make(modulation=modulation)
     x, t, text, mask = inputs()
     B, N, D = 2, 3 * 2 * 3, model.hidden_size
     h = torch.randn(B, N, D)
-    c = torch.randn(B, D)
+    c = torch.randn(B, D)  # SiLU(conditioning); shared modulation projects it once for all blocks
+    c = c if modulation == "per_block" else model.shared_modulation(c)
     context = torch.randn(B, L, D)
     rope = rope_angles(grid_positions((3, 2, 3)), model.head_dim)
     for block in model.blocks:
@@ -143,8 +150,9 @@ def test_cond_mask_changes_output_only_when_model_nonzero():
     assert not torch.allclose(model(x, t, text, mask, cond), model(x, t, text, mask, None))
 
 
-def test_gradients_reach_every_parameter():
-    model = make()
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_gradients_reach_every_parameter(modulation):
+    model = make(modulation=modulation)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, t, text, mask = inputs()
     cond = torch.tensor([[True, False, False], [False, False, False]])
@@ -156,9 +164,10 @@ def test_gradients_reach_every_parameter():
     assert not missing
 
 
-def test_activation_checkpointing_is_exact():
-    base = perturb(make())
-    ckpt = make(activation_checkpointing=True)
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_activation_checkpointing_is_exact(modulation):
+    base = perturb(make(modulation=modulation))
+    ckpt = make(activation_checkpointing=True, modulation=modulation)
     ckpt.load_state_dict(base.state_dict())
     x, t, text, mask = inputs()
     outs, grads = [], []
@@ -172,8 +181,9 @@ def test_activation_checkpointing_is_exact():
         torch.testing.assert_close(a, b)
 
 
-def test_config_roundtrip():
-    model = make(patch_size=(2, 2, 2), out_channels=8)
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_config_roundtrip(modulation):
+    model = make(patch_size=(2, 2, 2), out_channels=8, modulation=modulation)
     cfg = json.loads(json.dumps(model.config()))
     clone = DiT(**cfg)
     assert clone.config() == model.config() and clone.num_params() == model.num_params()
@@ -187,8 +197,9 @@ def test_param_counts_on_meta(size, nominal):
     assert abs(model.num_params() - nominal) / nominal < 0.35, model.num_params()
 
 
-def test_flops_match_flop_counter():
-    model = make()
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_flops_match_flop_counter(modulation):
+    model = make(modulation=modulation)
     x, t, text, mask = inputs(f=3, h=4, w=6)
     N, B, D = 3 * 2 * 3, x.shape[0], model.hidden_size
     # The counter sees every Linear but not the CPU flash-attention kernel: add QK^T and AV
@@ -209,8 +220,8 @@ def test_flops_close_to_6_params_tokens():
         model = build_dit("100M", in_channels=16, text_dim=4096)
     N = 256  # attention (4N^2 D) is small next to the matmuls (~56 N D^2)
     ratio = model.flops_per_step(N, text_len=8) / (6 * model.num_params() * N)
-    # adaLN (6D^2 of ~22D^2 per block) and the text embedders act per sample, not per
-    # token, so model FLOPs sit somewhat below 6 * params * tokens.
+    # The shared adaLN projection and the text embedders act per sample, not per token, so
+    # model FLOPs sit somewhat below 6 * params * tokens.
     assert 0.6 < ratio < 1.05, ratio
     assert model.flops_per_step(4 * N, 8) > 4 * model.flops_per_step(N, 8)  # attention is quadratic
 

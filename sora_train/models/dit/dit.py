@@ -10,7 +10,12 @@ Block (DiT with adaLN-Zero, plus PixArt-style cross-attention to text):
     x = x + CrossAttn(LN_affine(x), text)                               # key padding mask
     x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
 Conditioning c = TimestepMLP(t) + PooledTextMLP(masked_mean(text)) drives every shift /
-scale / gate. Conditioning frames (image-to-video, extension, interpolation) enter as
+scale / gate, either through a Linear(D -> 6D) per block (modulation="per_block", DiT) or
+through one Linear(D -> 6D) shared by all blocks plus a learned (6, D) table per block
+(modulation="shared", PixArt-alpha's adaLN-single, also Wan2.1's design): same function
+class for the timestep, 6D^2 parameters instead of 6D^2 per block (a quarter of a 100M
+model's parameters and optimizer state). Both start at zero, so each block is the
+identity at init (adaLN-Zero). Conditioning frames (image-to-video, extension, interpolation) enter as
 `cond_channels` extra input channels holding the per-frame 0/1 cond mask.
 
 Axis names: B, C, f, h, w for latents; N, D for tokens; L for text tokens; H heads of Dh.
@@ -172,7 +177,7 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero self-attention + cross-attention + MLP (see the module docstring)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, shared_modulation: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, num_heads, qk_norm)
@@ -180,11 +185,17 @@ class DiTBlock(nn.Module):
         self.cross_attn = CrossAttention(dim, num_heads, qk_norm)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        # Takes SiLU(c), computed once per forward for all blocks (DiT's SiLU -> Linear).
-        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
+        if shared_modulation:
+            # Added to the shared Linear's (B, 6D) output, which the DiT passes in as `c`.
+            self.modulation_table = nn.Parameter(torch.zeros(6 * dim))
+        else:
+            # Takes SiLU(c), computed once per forward for all blocks (DiT's SiLU -> Linear).
+            self.adaLN_modulation = nn.Linear(dim, 6 * dim)
+        self.uses_shared_modulation = shared_modulation
 
     def forward(self, x, c, context, attn_mask, rope):
-        mod = self.adaLN_modulation(c).unsqueeze(1)  # (B, 1, 6D)
+        """c: SiLU(conditioning) (B, D), or with shared modulation the shared projection (B, 6D)."""
+        mod = (c + self.modulation_table if self.uses_shared_modulation else self.adaLN_modulation(c)).unsqueeze(1)  # (B, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)  # 6 x (B, 1, D)
         x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))  # (B, N, D)
         x = x + self.cross_attn(self.norm2(x), context, attn_mask)  # (B, N, D)
@@ -222,6 +233,8 @@ class DiT(nn.Module):
         qk_norm: RMSNorm on q and k per head (keeps attention logits bounded at scale).
         cond_channels: extra input channels carrying the per-frame cond mask (0 disables it).
         rope_theta: base period of the rotary embedding.
+        modulation: "per_block" (a D -> 6D adaLN Linear in every block, DiT) or "shared"
+            (one D -> 6D Linear for all blocks plus a per-block table, adaLN-single).
         activation_checkpointing: recompute each block in backward (saves activation memory).
         out_channels: predicted channels (default: in_channels).
     """
@@ -240,6 +253,7 @@ class DiT(nn.Module):
         rope_theta: float = 10000.0,
         activation_checkpointing: bool = False,
         out_channels: int | None = None,
+        modulation: str = "per_block",
     ):
         super().__init__()
         patch_size = tuple(int(p) for p in patch_size)
@@ -252,6 +266,9 @@ class DiT(nn.Module):
             raise SoraError(f"DiT head dim hidden_size/num_heads={head_dim} must be even and >= 6 for 3D RoPE")
         if cond_channels < 0:
             raise SoraError(f"DiT cond_channels must be >= 0, got {cond_channels}")
+        if modulation not in ("per_block", "shared"):
+            raise SoraError(f"DiT modulation must be 'per_block' or 'shared', got {modulation!r}")
+        self.modulation = modulation
         self.in_channels = in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
         self.patch_size = patch_size
@@ -270,7 +287,12 @@ class DiT(nn.Module):
         self.pooled_text_embedder = nn.Sequential(  # masked-mean text -> added to the timestep conditioning
             nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
+        shared = modulation == "shared"
+        # adaLN-single: the one projection of SiLU(c) to every block's 6 shift/scale/gate rows.
+        self.shared_modulation = nn.Linear(hidden_size, 6 * hidden_size) if shared else None
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, shared_modulation=shared) for _ in range(depth)]
+        )
         self.final_layer = FinalLayer(hidden_size, p * self.out_channels)
         self.initialize_weights()
 
@@ -294,9 +316,14 @@ class DiT(nn.Module):
         # identity at init; the gates receive gradient immediately and open during training.
         # The cross-attention branch has no gate, so its output projection is zeroed instead
         # (PixArt-alpha), which also makes it contribute exactly 0 at init.
+        # With shared modulation the shared Linear and every block's table start at 0 instead.
+        if self.shared_modulation is not None:
+            nn.init.zeros_(self.shared_modulation.weight)
+            nn.init.zeros_(self.shared_modulation.bias)
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation.weight)
-            nn.init.zeros_(block.adaLN_modulation.bias)
+            if not block.uses_shared_modulation:
+                nn.init.zeros_(block.adaLN_modulation.weight)
+                nn.init.zeros_(block.adaLN_modulation.bias)
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
         # Zero final layer: the model predicts exactly 0 velocity at init (DiT), so early
@@ -386,12 +413,13 @@ class DiT(nn.Module):
         pooled = (text * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)  # (B, text_dim)
         c = self.t_embedder(t) + self.pooled_text_embedder(pooled)  # (B, D)
         c = F.silu(c)  # (B, D): the SiLU of every adaLN "SiLU -> Linear", computed once
+        block_c = c if self.shared_modulation is None else self.shared_modulation(c)  # (B, D) or (B, 6D)
 
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, context, attn_mask, rope, use_reentrant=False)  # (B, N, D)
+                x = checkpoint(block, x, block_c, context, attn_mask, rope, use_reentrant=False)  # (B, N, D)
             else:
-                x = block(x, c, context, attn_mask, rope)  # (B, N, D)
+                x = block(x, block_c, context, attn_mask, rope)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*C_out)
         return self.unpatchify(x, grid)  # (B, C_out, f, h, w)
 
@@ -415,7 +443,7 @@ class DiT(nn.Module):
                      + 4N^2D        self-attn scores QK^T and weighted sum AV
                      + 4ND^2 + 4LD^2 + 4NLD   cross-attn q, out, kv, scores + AV
                      + 4NDM         MLP
-                     + 12D^2        adaLN (per sample, not per token)
+                     + 12D^2        adaLN (per sample, not per token; once with shared modulation)
             once       2N*P_in*D + 2N*D*P_out + 4D^2   patch embed, final linear + adaLN
                      + 2L(TD + D^2) + 2(TD + D^2) + 2(256D + D^2)   text, pooled text, time MLPs
         training=True returns 3x forward (backward costs twice the forward). Elementwise ops
@@ -428,8 +456,9 @@ class DiT(nn.Module):
         p_in, p_out = p * (self.in_channels + self.cond_channels), p * self.out_channels
         block = 8 * N * D * D + 4 * N * N * D  # self-attention
         block += 4 * N * D * D + 4 * L * D * D + 4 * N * L * D  # cross-attention
-        block += 4 * N * D * M + 12 * D * D  # MLP, adaLN
-        once = 2 * N * p_in * D + 2 * N * D * p_out + 4 * D * D
+        shared = self.modulation == "shared"
+        block += 4 * N * D * M + (0 if shared else 12 * D * D)  # MLP, per-block adaLN
+        once = 2 * N * p_in * D + 2 * N * D * p_out + 4 * D * D + (12 * D * D if shared else 0)
         once += 2 * L * (T * D + D * D) + 2 * (T * D + D * D) + 2 * (FREQUENCY_EMBEDDING_SIZE * D + D * D)
         forward = self.depth * block + once
         return float(3 * forward if training else forward)
@@ -449,4 +478,5 @@ class DiT(nn.Module):
             "rope_theta": self.rope_theta,
             "activation_checkpointing": self.activation_checkpointing,
             "out_channels": self.out_channels,
+            "modulation": self.modulation,
         }
