@@ -10,8 +10,9 @@ bitrate of ordinary 320x180 footage, so decoding costs what it does on real data
 
 - **loader**: ``VideoDataModule`` with ``--workers`` DataLoader workers and one bucket; the
   main process only takes batches. Everything the loader does counts: tar streaming, json,
-  shuffling, bucketing, decoding, the uint8 -> float [-1, 1] batch, and handing the batch to
-  the main process through shared memory;
+  shuffling, bucketing, decoding, cropping, stacking the uint8 batch, and handing it to the
+  main process through shared memory (the float conversion happens on the training device,
+  after transfer, as in training);
 - **raw**: the same number of processes, each holding the mp4 bytes of its share of the
   clips in memory, run ``decord.VideoReader(bytes, width, height)`` + ``get_batch`` on the
   frame indices and output size the loader uses (``frame_indices`` / ``resize_for_crop``).
@@ -156,7 +157,7 @@ def loader_run(dm, warmup_batches: int, batches: int) -> tuple[int, float]:
     t0 = time.perf_counter()
     for _ in range(batches):
         batch = next(it)
-        frames += batch["video"].shape[0] * batch["video"].shape[2]  # B * F
+        frames += len(batch["key"]) * int(batch["bucket"].split("x")[0])  # B * F, whatever the video layout
     seconds = time.perf_counter() - t0
     del it  # shuts the workers down
     return frames, seconds

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from sora_train.utils.errors import SoraError
 
@@ -149,8 +150,10 @@ def collect(datamodule, per_bucket: int, max_batches: int) -> tuple[dict[str, li
             batch = next(it)
             name = batch["bucket"]
             batches[name] += 1
-            video = ((batch["video"] + 1.0) * 127.5).round().clamp(0, 255).byte()  # (B, 3, F, H, W) uint8
-            video = video.permute(0, 2, 3, 4, 1).numpy()  # (B, F, H, W, 3)
+            video = batch["video"]  # (B, F, H, W, 3): the loader's uint8, exactly what training gets
+            if video.dtype != torch.uint8:  # a custom datamodule that already made it float (B, 3, F, H, W)
+                video = ((video + 1.0) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 4, 1)
+            video = video.numpy()  # (B, F, H, W, 3)
             for i in range(video.shape[0]):
                 if len(samples[name]) < per_bucket:
                     samples[name].append(

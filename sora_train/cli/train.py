@@ -81,6 +81,7 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, out_dir: Path
     """Write run_dir/export (or ``out_dir``): safetensors weights + model.json (what sora-sample
     reads). ``step``: the training step recorded (default: the module's global step)."""
     from sora_train.data.shards import read_index
+    from sora_train.data.transforms import video_to_float
     from sora_train.models.export import export_parts
 
     meta = {"task": "vae" if _is_vae_task(cfg) else "dit", "step": int(module.global_step if step is None else step), "sampler": OmegaConf.to_container(cfg.diffusion.get("sampler") or {}, resolve=True), "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True)}
@@ -89,7 +90,7 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, out_dir: Path
 
         # Latent scale/shift for the diffusion model, measured on training data.
         loader = datamodule.train_dataloader()
-        batches = (b["video"] for b in loader)
+        batches = (video_to_float(b["video"]) for b in loader)  # straight from the loader: uint8
         shift, scale = compute_latent_stats(module.vae, batches, max_batches=int(cfg.get("latent_stats_batches", 8)))
         module.vae.set_latent_stats(shift, scale)
         return export_parts(out_dir or run_dir / "export", {"vae": module.vae}, meta)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from sora_train.data.buckets import BucketTable
 from sora_train.data.dataset import ShardVideoDataset, expand_shards
 from sora_train.data.shards import read_index
+from sora_train.data.transforms import video_to_float
 from sora_train.utils.errors import SoraError
 
 
@@ -147,6 +148,8 @@ class VideoDataModule(pl.LightningDataModule):
 
     # -- position tracking: the loader's place is part of the checkpoint ---------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "video" in batch:
+            batch["video"] = video_to_float(batch["video"])  # uint8 from the workers -> float [-1, 1], on device
         trainer = getattr(self, "trainer", None)
         if isinstance(batch, dict) and "batch_index" in batch and trainer is not None and trainer.training:
             workers = max(1, self.num_workers)

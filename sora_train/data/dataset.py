@@ -9,7 +9,11 @@ One ``ShardVideoDataset`` instance runs in each DataLoader worker of each rank. 
 4. shuffles through a seeded buffer,
 5. assigns each sample to a bucket from its json (no decoding needed for that), and
 6. emits batch j when the bucket schedule's bucket for j has enough samples - decoding
-   only then, with one short-lived decord reader per sample, only the frames needed.
+   only then, with one short-lived decord reader per sample, only the frames needed. The
+   batch's ``video`` is uint8 (B, F, H, W, 3), channels last as decoded: a quarter of the
+   bytes through the worker queue, and the channels-first float conversion (as costly as
+   decoding on a CPU) happens on the training device in
+   ``VideoDataModule.on_after_batch_transfer`` (``transforms.video_to_float``).
 
 Batch j of the run (across epochs) comes from worker ``j % num_workers`` - the order in which
 torch's DataLoader reads workers - and its shape is ``buckets.schedule(seed, 0, j)`` on every
@@ -137,6 +141,20 @@ def _dist_info() -> tuple[int, int]:
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
+
+
+def _stack_for_queue(frames: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, written straight into shared memory inside a DataLoader worker.
+
+    A worker's output crosses to the main process through shared memory; a tensor that is not
+    there yet is copied into it on the way (torch's default_collate avoids that copy the same
+    way, but whole-batch datasets like this one bypass collate)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(frames)
+    first = frames[0]
+    storage = first._typed_storage()._new_shared(len(frames) * first.numel(), device=first.device)
+    out = first.new(storage).view(len(frames), *first.shape)  # (B, ...) in shared memory
+    return torch.stack(frames, out=out)
 
 class ShardVideoDataset(IterableDataset):
     """Bucketed batches of decoded video from webdataset shards (see module docstring).
@@ -317,13 +335,15 @@ class ShardVideoDataset(IterableDataset):
                 log.warning("skipping sample %s: %s", item.key, e)
                 continue
             st.seen += 1
-            videos.append(torch.from_numpy(np.ascontiguousarray(frames)))  # (F, H, W, 3) uint8
+            videos.append(torch.from_numpy(frames))  # (F, H, W, 3) uint8, a strided crop view
             captions.append(self._choose_caption(item.meta, rng))
             fpss.append(fps)
             keys.append(item.key)
         if not videos:
             return None
-        video = torch.stack(videos).permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)  # (B, 3, F, H, W) in [-1, 1]
+        # uint8, channels last as decoded: one plain copy here; VideoDataModule makes it
+        # float (B, 3, F, H, W) in [-1, 1] on the device.
+        video = _stack_for_queue(videos)  # (B, F, H, W, 3) uint8
         return {
             "video": video,
             "caption": captions,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 
 def frame_indices(num_frames: int, src_fps: float, want_frames: int, target_fps: float | None, rng: np.random.Generator | None, random_start: bool = True) -> list[int] | None:
@@ -51,3 +52,21 @@ def resize_frames(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
     x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (F, h, w, 3)
+
+
+def video_to_float(video: torch.Tensor) -> torch.Tensor:
+    """uint8 video (B, F, H, W, 3) in [0, 255], channels last as decoded -> float32
+    (B, 3, F, H, W) in [-1, 1], the model's layout; float input is returned as is.
+
+    The loader's workers hand batches over as uint8 channels-last (a quarter of the bytes
+    through shared memory and host-to-device copies, and neither the float conversion nor the
+    channel transpose on the decode path, which on a CPU cost about as much as decoding);
+    `VideoDataModule.on_after_batch_transfer` calls this on the training device, so the model
+    still sees float (B, 3, F, H, W) in [-1, 1]."""
+    if video.dtype != torch.uint8:
+        return video
+    if video.ndim != 5 or video.shape[-1] != 3:
+        raise ValueError(f"uint8 video must be (B, F, H, W, 3), got {tuple(video.shape)}")
+    out = torch.empty(video.permute(0, 4, 1, 2, 3).shape, dtype=torch.float32, device=video.device)
+    out.copy_(video.permute(0, 4, 1, 2, 3))  # (B, 3, F, H, W), contiguous
+    return out.mul_(2.0 / 255.0).sub_(1.0)  # (B, 3, F, H, W) in [-1, 1]

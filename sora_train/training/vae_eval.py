@@ -22,6 +22,7 @@ import torch
 
 from sora_train.data.buckets import BucketTable
 from sora_train.data.dataset import ShardVideoDataset, expand_shards
+from sora_train.data.transforms import video_to_float
 from sora_train.data.shards import read_index
 from sora_train.models.vae.losses import psnr, ssim
 from sora_train.models.export import load_parts
@@ -112,7 +113,7 @@ def evaluate_vae(
     fps = 8.0
     skipped = 0
     for batch in ds:
-        video = batch["video"][: max_samples - len(rows)].to(device)  # (B, 3, F, H, W) in [-1, 1]
+        video = video_to_float(batch["video"][: max_samples - len(rows)].to(device))  # (B, 3, F, H, W) in [-1, 1]
         z = vae.encode(video, chunk_frames=chunk_frames, tile=tile).mode()  # (B, C, f, h, w)
         recon = vae.decode(z, chunk_frames=None if chunk_frames is None else max(1, chunk_frames // vae.temporal_factor), tile=tile)
         recon = recon.clamp(-1.0, 1.0)  # (B, 3, F, H, W)

@@ -17,6 +17,7 @@ import torch
 
 from sora_train.data.buckets import BucketTable
 from sora_train.data.dataset import ShardVideoDataset
+from sora_train.data.transforms import video_to_float
 from sora_train.data.latents import (
     LatentDataModule,
     decode_latent,
@@ -85,7 +86,7 @@ def test_cache_writes_normalised_latents_text_and_json(world):
     ref_ds = ShardVideoDataset(str(world["src"]), BucketTable([{"num_frames": 9, "height": 32, "width": 32, "batch_size": 8}]), train=False)
     ref = next(iter(ref_ds))
     with torch.no_grad():
-        want = vae.normalize(vae.encode(ref["video"]).mode())  # (8, 4, 5, 8, 8)
+        want = vae.normalize(vae.encode(video_to_float(ref["video"])).mode())  # (8, 4, 5, 8, 8)
     want = dict(zip(ref["key"], want))
 
     samples = _samples(world["lat"])
