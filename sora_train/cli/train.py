@@ -111,10 +111,15 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, out_dir: Path
 def train(cfg: DictConfig) -> float | None:
     """Build data -> model -> callbacks -> loggers -> trainer, fit, export; returns the metric
     a sweeper optimises (``optimized_metric``)."""
+    import warnings
+
     import lightning.pytorch as pl
 
     from sora_train.training.callbacks.checkpoint import find_resume_checkpoint
 
+    # The VAE task optimises manually; a checkpoint at step N holds the state after step N's
+    # update, which is what resuming at N + 1 needs. Lightning's 20-line advice is noise here.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
