@@ -66,6 +66,15 @@ def build_module(cfg: DictConfig):
         if "text" in parts and getattr(text, "trainable", False):
             module.text_encoder.load_state_dict(parts["text"].state_dict())
         log.info("initialised from %s", cfg.init_from)
+    if cfg.get("lora"):
+        from sora_train.models.lora import add_lora
+
+        # Adapters into the DiT's block Linears; every other weight, the text encoder's too, frozen.
+        settings = add_lora(module.dit, **OmegaConf.to_container(cfg.lora, resolve=True))
+        module.text_encoder.trainable = False
+        module.text_encoder.requires_grad_(False).eval()
+        trainable = sum(p.numel() for p in module.dit.parameters() if p.requires_grad)
+        log.info("LoRA rank %d: %.2f M trainable of %.2f M DiT parameters", settings["rank"], trainable / 1e6, sum(p.numel() for p in module.dit.parameters()) / 1e6)
     return module
 
 
@@ -82,7 +91,8 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, out_dir: Path
     reads). ``step``: the training step recorded (default: the module's global step)."""
     from sora_train.data.shards import read_index
     from sora_train.data.transforms import video_to_float
-    from sora_train.models.export import export_parts
+    from sora_train.models.export import export_parts, save_safetensors_atomic
+    from sora_train.models.lora import has_lora, lora_state_dict, merged_copy
 
     meta = {"task": "vae" if _is_vae_task(cfg) else "dit", "step": int(module.global_step if step is None else step), "sampler": OmegaConf.to_container(cfg.diffusion.get("sampler") or {}, resolve=True), "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True)}
     if meta["task"] == "vae":
@@ -104,8 +114,17 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, out_dir: Path
     parts = {"vae": module.vae, "text": module.text_encoder, "dit": module.dit}
     if getattr(module, "ema", None) is not None:
         parts["ema"] = module.ema
-    weights = {"text": bool(getattr(module.text_encoder, "trainable", True))}
-    return export_parts(out_dir or run_dir / "export", parts, meta, weights=weights)
+    # A text encoder rebuilt from its own folder (config "path") is exported as config only.
+    weights = {"text": not module.text_encoder.config().get("path")}
+    adapter = None
+    if has_lora(module.dit):  # a LoRA run exports plain models with the adapters folded in
+        adapter = lora_state_dict(module.ema if "ema" in parts else module.dit)
+        parts = {k: merged_copy(m) if k in ("dit", "ema") else m for k, m in parts.items()}
+        meta["lora"] = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else True
+    out = export_parts(out_dir or run_dir / "export", parts, meta, weights=weights)
+    if adapter is not None:
+        save_safetensors_atomic(adapter, out / "adapter.safetensors")
+    return out
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -39,14 +39,23 @@ def import_class(path: str) -> type:
         raise SoraError(f"{CONFIG_NAME}: cannot import {path!r} ({e})") from e
 
 
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write tensors (moved to CPU, contiguous) to ``path`` via a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
 def export_parts(out_dir: str | Path, parts: dict[str, nn.Module], meta: dict[str, Any] | None = None, weights: dict[str, bool] | None = None) -> Path:
     """Write ``parts`` (name -> module with a ``config()`` method) to ``out_dir``.
 
     ``weights[name] = False`` records a part's config without its tensors (e.g. a frozen
     pretrained text encoder that is loaded from its own folder).
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -58,9 +67,7 @@ def export_parts(out_dir: str | Path, parts: dict[str, nn.Module], meta: dict[st
         if weights is None or weights.get(name, True):
             for k, v in module.state_dict().items():
                 tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
-    tmp = out / f".{WEIGHTS_NAME}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(out / WEIGHTS_NAME)
+    save_safetensors_atomic(tensors, out / WEIGHTS_NAME)
     atomic_write_json(out / CONFIG_NAME, {"parts": spec, "meta": meta or {}})
     return out
 

@@ -30,6 +30,7 @@ REQUIRED = {
     ("data", "shards"): ["data.train_shards=/data/shards"],
     ("data", "latents"): ["data.train_shards=/data/latents"],
     ("experiment", "finetune_full"): ["init_from=/runs/dit/export", "data.train_shards=/data/shards"],
+    ("experiment", "finetune_lora"): ["init_from=/runs/dit/export", "data.train_shards=/data/shards"],
     ("experiment", "pretrain_100M"): ["text.path=/models/t5", "data.train_shards=/data/shards"],
     ("experiment", "pretrain_1B"): ["text.path=/models/t5", "data.train_shards=/data/shards"],
     ("experiment", "vae_standard"): ["data.train_shards=/data/shards"],

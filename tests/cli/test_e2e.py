@@ -144,10 +144,28 @@ def test_demo_chain_at_the_smallest_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_starts_from_an_export(smoke_run, tmp_path):
-    """Job 2: a new run initialised from a previous run's export (safetensors, no pickle)."""
+def test_lora_finetune_starts_from_an_export(smoke_run, tmp_path):
+    """Job 2: a new run initialised from a previous run's export (safetensors, no pickle), with
+    LoRA adapters; its export is a plain DiT with the adapters folded in, plus the adapters."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sora_train.models.export import load_parts
+
     run_dir, data = smoke_run
     p = run([str(BIN / "sora-train"), "experiment=smoke", f"hydra.run.dir={tmp_path / 'ft'}", f"paths.data_dir={data}",
-             f"init_from={run_dir / 'export'}", f"vae_ckpt={run_dir / 'export'}", "trainer.max_steps=2", "callbacks.samples=null"])
-    assert "initialised from" in (p.stdout + p.stderr)
-    assert (tmp_path / "ft" / "export" / "model.safetensors").exists()
+             f"init_from={run_dir / 'export'}", f"vae_ckpt={run_dir / 'export'}", "trainer.max_steps=2", "callbacks.samples=null",
+             "lora={rank: 4}", "optimizer.lr=1e-2"])
+    out = p.stdout + p.stderr
+    assert "initialised from" in out and "LoRA rank 4" in out
+    export = tmp_path / "ft" / "export"
+    adapter = load_file(str(export / "adapter.safetensors"))
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    base, _ = load_parts(run_dir / "export", ["ema", "dit"])
+    tuned, meta = load_parts(export, ["dit", "text"])
+    assert meta["lora"]["rank"] == 4
+    start = (base.get("ema") or base["dit"]).state_dict()
+    after = tuned["dit"].state_dict()
+    assert set(after) == set(start)  # a plain DiT: no adapter keys left
+    changed = {k for k in start if not torch.equal(after[k], start[k])}
+    assert changed and all(".attn." in k or ".cross_attn." in k or ".mlp." in k for k in changed), changed
