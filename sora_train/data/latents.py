@@ -62,8 +62,9 @@ _EXPORT_CONFIG, _EXPORT_WEIGHTS = "model.json", "model.safetensors"
 
 # -- fingerprints ------------------------------------------------------------------------------
 def _identity_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without keys that say where files live (path, tokenizer_path, ...)."""
-    return {k: v for k, v in config.items() if not str(k).endswith("path")}
+    """The config without keys that say where files live (path, tokenizer_path, ...) or
+    whether the part trains (``trainable``): neither changes what it computes."""
+    return {k: v for k, v in config.items() if not str(k).endswith("path") and k != "trainable"}
 
 
 def _fingerprint(target: str, config: dict[str, Any], tensors: Iterable[tuple[str, Tensor]]) -> str:

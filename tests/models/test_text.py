@@ -94,6 +94,14 @@ def test_gradients_flow():
     assert enc.tok_emb.weight.grad.abs().sum() > 0 and enc.blocks[0].qkv.weight.grad.abs().sum() > 0
 
 
+def test_frozen_tiny_encoder_round_trips_frozen():
+    enc = tiny(trainable=False)
+    assert not enc.trainable and enc.config()["trainable"] is False
+    again = TinyTextEncoder(**enc.config())  # how an export rebuilds it
+    assert not again.trainable
+    assert tiny().config()["trainable"] is True
+
+
 def test_bad_construction_args():
     with pytest.raises(SoraError, match="num_heads"):
         TinyTextEncoder(dim=30, num_heads=4)

@@ -75,6 +75,7 @@ class TinyTextEncoder(TextEncoder):
         vocab_size: int = 4096,
         max_length: int = 64,
         pad_to_max_length: bool = False,
+        trainable: bool = True,
     ):
         super().__init__()
         if dim <= 0 or dim % num_heads != 0:
@@ -91,7 +92,7 @@ class TinyTextEncoder(TextEncoder):
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.pad_to_max_length = pad_to_max_length
-        self.trainable = True
+        self.trainable = bool(trainable)
 
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Parameter(torch.zeros(max_length, dim))
@@ -138,4 +139,5 @@ class TinyTextEncoder(TextEncoder):
             "vocab_size": self.vocab_size,
             "max_length": self.max_length,
             "pad_to_max_length": self.pad_to_max_length,
+            "trainable": self.trainable,
         }
