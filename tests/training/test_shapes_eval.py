@@ -156,6 +156,8 @@ def test_fast_eval_writes_a_complete_report(fast_report):
     assert 0 <= report["i2v"]["direction_accuracy"] <= 1 and 0 <= report["extend"]["direction_accuracy"] <= 1
     for psnr in (report["i2v"]["frame0_psnr_db"], report["vae"]["recon_psnr_db"]):
         assert math.isfinite(psnr) and 0 < psnr <= se.PSNR_CAP_DB
+    assert set(report["vae"]["recon_read"]) == {"colour", "shape", "direction", "size", "joint"}
+    assert all(0.0 <= v <= 1.0 for v in report["vae"]["recon_read"].values())
     assert report["extend"]["num_given_frames"] == 3 and report["interpolate"]["end_frame"] == 7
     for key in ("seam_error_px", "measured_fraction"):  # nan (object missing) would be null
         v = report["extend"][key]
