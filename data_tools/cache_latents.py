@@ -321,6 +321,12 @@ def cache_latents(
         total = int(read_index(shards).get("num_samples", 0)) if isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards) else 0
     except SoraError:
         total = 0
+    # The source set's own options (the shapes world: its held-out pairs and world), so a DiT
+    # trained on these latents still records what sora-eval shapes needs.
+    try:
+        source_options = read_index(shards).get("options") if isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards) else None
+    except SoraError:
+        source_options = None
     run_info = {"vae_hash": vae_hash, "text_hash": text_hash, "options": options.written()}
     done, start_index = _prepare_out(out, run_info)
 
@@ -352,6 +358,7 @@ def cache_latents(
                                            "dim": int(getattr(text, "dim", enc.text_dim or 0)), "trainable": bool(getattr(text, "trainable", False))},
         "latent": {"normalized": True, "dtype": options.dtype, "member": enc.member, "channels": int(getattr(vae, "latent_channels", 0))},
         "source": [str(s) for s in ([shards] if isinstance(shards, (str, os.PathLike)) else shards)],
+        "source_options": source_options,
     }
     index = _rebuild_index(out, extra)
     run = {k: v for k, v in stats.items()}

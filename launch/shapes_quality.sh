@@ -2,7 +2,8 @@
 # The shapes-world quality recipe (issue "the model really learns"), on CPU in under 30 minutes:
 #   1. the shapes VAE trains (experiment=shapes_quality_vae) and is scored on held-out clips
 #      (sora-eval vae: PSNR / SSIM, side-by-side video),
-#   2. the DiT trains in its latent space (experiment=shapes_quality),
+#   2. the clips are encoded once into latent shards (sora-data cache-latents), and the DiT
+#      trains on them (experiment=shapes_quality): no video decode or VAE encode per step,
 #   3. sora-eval shapes reads colour / shape / direction back from generated videos, for
 #      seen and held-out caption combinations and every prompting mode, and writes the report.
 # Everything lands in ${SORA_QUALITY_DIR:-outputs/shapes_quality}; re-running resumes each
@@ -21,6 +22,12 @@ stage "VAE"
 sora-train experiment=shapes_quality_vae resume=auto "$@"
 vae_done=$(date +%s)
 sora-eval vae --vae "$out/vae/export" --shards "$data/shapes/heldout" --max-samples 256 --out "$out/eval_vae"
+
+stage "cache latents"
+for split in train val; do
+  sora-data cache-latents "$data/shapes/$split" --vae "$out/vae/export" --out "$out/latents/$split" \
+    --num-frames 17 --height 32 --width 32 --dtype float32
+done
 
 stage "DiT"
 dit_start=$(date +%s)

@@ -107,8 +107,10 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, out_dir: Path
     buckets = datamodule.make_buckets()
     first = (buckets.video or buckets.buckets)[0]
     meta["train_shape"] = {"num_frames": first.num_frames, "height": first.height, "width": first.width}
-    try:  # options the training data was written with (shapes world: held-out pairs), for sora-eval shapes
-        meta["train_data"] = read_index(cfg.data.get("train_shards")).get("options") or {}
+    try:  # options the training data was written with (shapes world: held-out pairs), for sora-eval shapes;
+        # for latent shards, those of the video set they were cached from
+        index = read_index(cfg.data.get("train_shards"))
+        meta["train_data"] = index.get("source_options") or index.get("options") or {}
     except (SoraError, TypeError, OSError):
         pass
     parts = {"vae": module.vae, "text": module.text_encoder, "dit": module.dit}
@@ -139,6 +141,8 @@ def train(cfg: DictConfig) -> float | None:
     # The VAE task optimises manually; a checkpoint at step N holds the state after step N's
     # update, which is what resuming at N + 1 needs. Lightning's 20-line advice is noise here.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # The frozen VAE (and a frozen text encoder) stay in eval mode on purpose (DiTModule.train).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)

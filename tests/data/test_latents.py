@@ -81,6 +81,8 @@ def test_cache_writes_normalised_latents_text_and_json(world):
     assert index["vae_hash"] == vae_fingerprint(vae) and index["text_hash"] == text_fingerprint(text)
     assert index["latent"]["normalized"] is True and index["latent"]["channels"] == 4
     assert [s["count"] for s in index["shards"]] == [3, 3, 2]
+    # the source set's options (shapes world: held-out pairs) travel along for sora-eval shapes
+    assert index["source_options"] == read_index(world["src"])["options"] and "heldout_pairs" in index["source_options"]
 
     # The reference: the video loader's validation decode of the same clips, through the VAE.
     ref_ds = ShardVideoDataset(str(world["src"]), BucketTable([{"num_frames": 9, "height": 32, "width": 32, "batch_size": 8}]), train=False)
