@@ -318,15 +318,13 @@ def cache_latents(
 
     urls = expand_shards(str(shards) if isinstance(shards, os.PathLike) else shards)
     try:
-        total = int(read_index(shards).get("num_samples", 0)) if isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards) else 0
+        source_index = read_index(shards) if isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards) else {}
     except SoraError:
-        total = 0
+        source_index = {}
+    total = int(source_index.get("num_samples", 0))
     # The source set's own options (the shapes world: its held-out pairs and world), so a DiT
     # trained on these latents still records what sora-eval shapes needs.
-    try:
-        source_options = read_index(shards).get("options") if isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards) else None
-    except SoraError:
-        source_options = None
+    source_options = source_index.get("options")
     run_info = {"vae_hash": vae_hash, "text_hash": text_hash, "options": options.written()}
     done, start_index = _prepare_out(out, run_info)
 
