@@ -28,13 +28,27 @@ log = get_logger("sora_train.export")
 
 
 def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
-    """The composed config a run saved (RUN_DIR/.hydra/config.yaml), with ``run_dir`` set to it."""
+    """The composed config a run saved (RUN_DIR/.hydra/config.yaml), with ``run_dir`` set to it
+    and the paths the run resolved from the environment (RUN_DIR/.hydra/run_paths.json) pinned:
+    ``vae_ckpt: ${oc.env:SORA_QUALITY_DIR,...}/vae/export`` means what it meant in training."""
+    import json
+
+    from sora_train.cli.train import RUN_PATHS_FILE
+
     run_dir = Path(run_dir)
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         raise SoraError(f"{run_dir}: no saved config at {path}; is this a sora-train run directory?")
     cfg = OmegaConf.load(path)
     cfg.run_dir = str(run_dir.resolve())  # was ${hydra:runtime.output_dir}, resolvable only inside Hydra
+    paths = run_dir / ".hydra" / RUN_PATHS_FILE
+    if paths.is_file():  # runs from before it was recorded resolve as the config says
+        try:
+            pinned = json.loads(paths.read_text())
+        except ValueError as e:
+            raise SoraError(f"{paths}: not valid JSON ({e})") from None
+        for key, value in pinned.items():
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
     return cfg
 
 

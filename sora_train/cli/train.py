@@ -129,6 +129,25 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, out_dir: Path
     return out
 
 
+# Config values that may come from the environment (${oc.env:...}): the run records what they
+# were, so sora-export rebuilds the same model in a shell where those variables differ.
+RUN_PATH_KEYS = ("vae_ckpt", "init_from", "paths.data_dir", "data.train_shards", "data.val_shards")
+RUN_PATHS_FILE = "run_paths.json"  # in RUN_DIR/.hydra, next to Hydra's unresolved config.yaml
+
+
+def record_run_paths(cfg: DictConfig, run_dir: Path) -> Path:
+    """Write the resolved RUN_PATH_KEYS (paths only, never secrets) to RUN_DIR/.hydra."""
+    from omegaconf import OmegaConf
+
+    from sora_train.utils.io import atomic_write_json
+
+    values = {}
+    for key in RUN_PATH_KEYS:
+        v = OmegaConf.select(cfg, key, default=None)
+        values[key] = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+    return atomic_write_json(run_dir / ".hydra" / RUN_PATHS_FILE, values)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Build data -> model -> callbacks -> loggers -> trainer, fit, export; returns the metric
     a sweeper optimises (``optimized_metric``)."""
@@ -145,6 +164,7 @@ def train(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    record_run_paths(cfg, run_dir)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = _instantiate(cfg.data)

@@ -127,3 +127,26 @@ def test_saved_config_holds_no_secret(monkeypatch, tmp_path):
     assert "sk-test" not in OmegaConf.to_yaml(cfg)
     with open_dict(cfg):
         assert cfg.rewriter.api_key_env == "OPENAI_API_KEY"
+
+
+def test_export_rebuilds_with_the_paths_the_run_resolved(monkeypatch, tmp_path):
+    """vae_ckpt: ${oc.env:SORA_QUALITY_DIR,...}/vae/export must mean, to sora-export, what it
+    meant in training, whatever the variable is (or is not) in the exporting shell."""
+    from sora_train.cli.export import load_run_config
+    from sora_train.cli.train import RUN_PATH_KEYS, record_run_paths
+
+    monkeypatch.setenv("SORA_QUALITY_DIR", str(tmp_path / "q"))
+    cfg = _compose(["experiment=shapes_quality"])
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # unresolved, as Hydra saves it
+    record_run_paths(cfg, run)
+    monkeypatch.delenv("SORA_QUALITY_DIR")
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").vae_ckpt == "outputs/shapes_quality/vae/export"  # the trap
+    loaded = load_run_config(run)
+    assert loaded.vae_ckpt == f"{tmp_path}/q/vae/export"
+    assert loaded.data.train_shards == f"{tmp_path}/q/latents/train" and loaded.run_dir == str(run.resolve())
+    assert set(RUN_PATH_KEYS) >= {"vae_ckpt", "data.train_shards"}
+    (run / ".hydra" / "run_paths.json").write_text("{not json")
+    with pytest.raises(Exception, match="run_paths.json: not valid JSON"):
+        load_run_config(run)
