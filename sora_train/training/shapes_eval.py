@@ -77,7 +77,7 @@ class ShapesEvalSettings:
         max_combos: at most this many combinations per group (seen / held out), a seeded
             spread over all of them (None: every combination).
         clips_per_mode: ground-truth clips prompted per mode (i2v, extension, interpolation).
-        steps, guidance_scale: sampler settings (None: the export's defaults).
+        steps, guidance_scale, shift: sampler settings (None: the export's defaults).
         seed: noise and clip seed; the same seed and settings give the same report.
         batch_size: text-to-video prompts per generate call.
         fast: a quick check that everything runs (2 sampler steps, 4 combos per group, one
@@ -89,6 +89,7 @@ class ShapesEvalSettings:
     clips_per_mode: int = 16
     steps: int | None = None
     guidance_scale: float | None = None
+    shift: float | None = None
     seed: int = 0
     batch_size: int = 32
     fast: bool = False
@@ -105,6 +106,8 @@ class ShapesEvalSettings:
             raise SoraError(f"sora-eval shapes: max_combos={self.max_combos} must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise SoraError(f"sora-eval shapes: steps={self.steps} must be >= 1")
+        if self.shift is not None and not self.shift > 0:
+            raise SoraError(f"sora-eval shapes: shift={self.shift} must be > 0")
 
 
 # -- scoring (model-free: the same functions score generated and ground-truth videos) -------
@@ -132,14 +135,29 @@ def score_caption(reader: AttributeReader, video: np.ndarray, attrs: ShapeAttrs)
 
 
 def summarize_captions(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy per attribute and joint, presence, and mean temporal consistency."""
+    """Accuracy per attribute and joint, presence, mean temporal consistency, and the
+    confusions: per attribute, {asked: {read: count}} (read None = nothing readable)."""
     n = len(records)
     if n == 0:
-        return {"n": 0, "accuracy": {k: None for k in (*ATTRIBUTES, "joint")}, "present": None, "temporal": {}}
+        return {"n": 0, "accuracy": {k: None for k in (*ATTRIBUTES, "joint")}, "present": None, "temporal": {}, "confusion": {}}
     acc = {k: float(np.mean([r["hits"][k] for r in records])) for k in (*ATTRIBUTES, "joint")}
     keys = records[0]["temporal"].keys()
     temporal = {k: _nanmean([r["temporal"][k] for r in records]) for k in keys}
-    return {"n": n, "accuracy": acc, "present": float(np.mean([r["present"] for r in records])), "temporal": temporal}
+    confusion: dict[str, dict[str, dict[str, int]]] = {k: {} for k in ATTRIBUTES}
+    for r in records:
+        for k in ATTRIBUTES:
+            row = confusion[k].setdefault(r["expected"][k], {})
+            read = str(r["read"][k])  # "None" when the reader found nothing: JSON keys are strings
+            row[read] = row.get(read, 0) + 1
+    return {"n": n, "accuracy": acc, "present": float(np.mean([r["present"] for r in records])), "temporal": temporal,
+            "confusion": confusion}
+
+
+def top_confusions(confusion: dict[str, dict[str, dict[str, int]]], k: int = 4) -> list[tuple[str, str, str, int]]:
+    """The k most frequent misreads across attributes: (attribute, asked, read, count)."""
+    misses = [(attr, asked, read, c) for attr, rows in confusion.items() for asked, row in rows.items()
+              for read, c in row.items() if read != asked]
+    return sorted(misses, key=lambda m: -m[3])[:k]
 
 
 def centroids(reader: AttributeReader, video: np.ndarray) -> np.ndarray:
@@ -345,7 +363,7 @@ def evaluate_t2v(pipe, reader: AttributeReader, world: ShapesWorld, combos: Sequ
     for b in range(0, len(jobs), s.batch_size):
         batch = jobs[b : b + s.batch_size]
         gen = pipe.generate([a.caption() for a in batch], world.num_frames, world.height, world.width, mode="t2v",
-                            steps=s.steps, guidance_scale=s.guidance_scale, seed=s.seed + 7919 * salt + b)
+                            steps=s.steps, guidance_scale=s.guidance_scale, shift=s.shift, seed=s.seed + 7919 * salt + b)
         for video, attrs in zip(_to_uint8(gen.video), batch):
             records.append(score_caption(reader, video, attrs))
             videos.append(video)
@@ -366,7 +384,7 @@ def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequ
     num_given = 1 + (k - 1) * tf
     end_frame = F - max(1, tf)  # interpolation pins image B to the last `tf` frames: B's time
     n = s.clips_per_mode
-    kw = dict(steps=s.steps, guidance_scale=s.guidance_scale)
+    kw = dict(steps=s.steps, guidance_scale=s.guidance_scale, shift=s.shift)
     samples: list[tuple[str, np.ndarray]] = []
 
     psnrs, i2v_dir, i2v_keep = [], [], []
@@ -489,7 +507,8 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
         "train_step": pipe.meta.get("step"),
         "settings": {**asdict(s), "num_frames": world.num_frames, "height": world.height, "width": world.width,
                      "sampler": {**pipe.flow.sampler_defaults, **({"steps": s.steps} if s.steps else {}),
-                                 **({"guidance_scale": s.guidance_scale} if s.guidance_scale is not None else {})}},
+                                 **({"guidance_scale": s.guidance_scale} if s.guidance_scale is not None else {}),
+                                 **({"shift": s.shift} if s.shift is not None else {})}},
         "heldout_pairs": [list(p) for p in facts["heldout_pairs"]],
         "heldout_source": facts["heldout_source"],
         "ground_truth_codec": asdict(facts["codec"]),
@@ -690,6 +709,10 @@ def print_table(report: dict[str, Any]) -> None:
         v = t["value"]
         tgt.add_row(name, "n/a" if v is None else (f"{v:.1%}" if "accuracy" in name else f"{v:.3g}"), t["target"], "pass" if t["pass"] else "FAIL")
     console.print(tgt)
+    misses = top_confusions(report["t2v"]["all"].get("confusion", {}))
+    if misses:  # what the misses are says what to fix (e.g. squares read as circles: corners)
+        console.print("most frequent misreads (t2v, asked -> read): "
+                      + ", ".join(f"{attr} {asked} -> {read} x{c}" for attr, asked, read, c in misses))
     tc = report["t2v"]["all"]["temporal"]
     console.print("temporal consistency (t2v, mean): " + ", ".join(f"{k} {v:.3g}" for k, v in tc.items() if v is not None))
 

@@ -66,6 +66,19 @@ def test_metrics_see_what_they_should_not_ignore():
     assert 28 < se.psnr_db(noisy, clip[0]) < 31  # an error of 8/255 everywhere is 30.0 dB
 
 
+def test_confusions_count_what_was_asked_against_what_was_read():
+    reader = AttributeReader(WORLD)
+    red_square = ShapeAttrs("red", "square", "right", "large")
+    square = se.render_clip(WORLD, red_square, seed=0, stream=1, index=0)
+    records = [se.score_caption(reader, square, red_square),  # right
+               se.score_caption(reader, square, ShapeAttrs("red", "circle", "right", "large")),  # shape wrong
+               se.score_caption(reader, square, ShapeAttrs("red", "circle", "left", "large"))]  # shape, direction wrong
+    summary = se.summarize_captions(records)
+    assert summary["confusion"]["shape"] == {"square": {"square": 1}, "circle": {"square": 2}}
+    assert summary["confusion"]["direction"] == {"right": {"right": 2}, "left": {"right": 1}}
+    assert se.top_confusions(summary["confusion"]) == [("shape", "circle", "square", 2), ("direction", "left", "right", 1)]
+
+
 def test_combos_split_by_heldout_pairs_and_cap():
     held_pairs = default_heldout(0)
     seen, held = se.split_combos(held_pairs)
@@ -153,6 +166,8 @@ def test_fast_eval_writes_a_complete_report(fast_report):
         assert set(g["accuracy"]) == {"colour", "shape", "direction", "size", "joint"}
         assert all(0.0 <= v <= 1.0 for v in g["accuracy"].values())
         assert set(g["temporal"]) == {"present_fraction", "area_rel_std", "colour_rel_std", "track_rmse"}
+        for attr in ("colour", "shape", "direction", "size"):  # every sample counted once per attribute
+            assert sum(c for row in g["confusion"][attr].values() for c in row.values()) == g["n"]
     assert 0 <= report["i2v"]["direction_accuracy"] <= 1 and 0 <= report["extend"]["direction_accuracy"] <= 1
     for psnr in (report["i2v"]["frame0_psnr_db"], report["vae"]["recon_psnr_db"]):
         assert math.isfinite(psnr) and 0 < psnr <= se.PSNR_CAP_DB
