@@ -56,6 +56,7 @@ def _shapes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips-per-mode", type=int, default=16, help="ground-truth clips prompted per mode (i2v, extension, interpolation)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the export's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the export's)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift spacing the sampler's steps (default: the export's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--data", default=None, help="shapes dataset root whose index.json names the held-out pairs (default: the export's record)")
@@ -69,7 +70,7 @@ def shapes(args: argparse.Namespace) -> int:
     from sora_train.training.shapes_eval import ShapesEvalSettings, print_table, run_shapes_eval
 
     settings = ShapesEvalSettings(num_per_combo=args.num_per_combo, max_combos=args.max_combos, clips_per_mode=args.clips_per_mode,
-                                  steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size, fast=args.fast)
+                                  steps=args.steps, guidance_scale=args.guidance, shift=args.shift, seed=args.seed, batch_size=args.batch_size, fast=args.fast)
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval_shapes"
     report = run_shapes_eval(args.ckpt, out, settings, data_dir=args.data, progress=not args.no_progress)
     print_table(report)

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="ODE steps (default: the export's)")
     p.add_argument("--method", choices=("euler", "heun"))
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--shift", type=float, help="timestep shift spacing the ODE steps (default: the export's)")
     p.add_argument("--negative-prompt", default="", help="text to steer away from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw DiT weights instead of the EMA")
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             chunk = prompts[start : start + args.batch_size]
             gen = pipe.generate(chunk, frames, height, width, mode=mode, steps=args.steps, method=args.method,
                                 guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                                seed=args.seed + start, **kwargs)
+                                seed=args.seed + start, shift=args.shift, **kwargs)
             written += pipe.save(gen, out, fps=args.fps, stem=f"{mode}_{start:04d}")
             bar.advance(task, len(chunk))
     index = [{"video": str(p), "prompt": prompts[i]} for i, p in enumerate(written)]

@@ -14,7 +14,7 @@ from sora_train.utils.errors import SoraError
 
 from .timesteps import TimestepSampler, shift_timesteps, token_shift
 
-SAMPLER_KEYS = ("steps", "method", "guidance_scale")
+SAMPLER_KEYS = ("steps", "method", "guidance_scale", "shift")
 
 
 class FlowMatching:
@@ -25,8 +25,9 @@ class FlowMatching:
         shift_base_tokens, base_shift, max_shift: the shift rule of `token_shift` (base_shift at
             or below shift_base_tokens tokens, growing as sqrt(tokens), capped at max_shift).
         use_token_shift: False = always base_shift, whatever the sample's size.
-        sampler: default sampling settings (steps, method, guidance_scale) kept for callers;
-            see `sora_train.diffusion.samplers.sample`.
+        sampler: default sampling settings (steps, method, guidance_scale, shift) kept for
+            callers; see `sora_train.diffusion.samplers.sample`. shift (null: `shift_for` the
+            sample's token count, as in training) spaces the sampler's steps on its own.
     """
 
     def __init__(
@@ -48,12 +49,26 @@ class FlowMatching:
         unknown = sorted(set(self.sampler_defaults) - set(SAMPLER_KEYS))
         if unknown:
             raise SoraError(f"diffusion.sampler has unknown key {unknown[0]!r}; valid: {list(SAMPLER_KEYS)}")
+        shift = self.sampler_defaults.get("shift")
+        if shift is not None and not float(shift) > 0:
+            raise SoraError(f"diffusion.sampler.shift must be > 0 (or null: the training shift), got {shift}")
 
     def shift_for(self, num_tokens: int | None) -> float:
-        """The timestep shift for samples of `num_tokens` DiT tokens (also use it when sampling)."""
+        """The training timestep shift for samples of `num_tokens` DiT tokens."""
         if not self.use_token_shift or num_tokens is None:
             return self.base_shift
         return token_shift(num_tokens, self.shift_base_tokens, self.base_shift, self.max_shift)
+
+    def sampling_shift(self, num_tokens: int | None, shift: float | None = None) -> float:
+        """The shift that spaces sampler steps: `shift` if given, else the config's
+        sampler.shift, else the training rule (`shift_for`)."""
+        if shift is None:
+            shift = self.sampler_defaults.get("shift")
+        if shift is None:
+            return self.shift_for(num_tokens)
+        if not float(shift) > 0:
+            raise SoraError(f"sampling shift must be > 0, got {shift}")
+        return float(shift)
 
     def training_losses(
         self,

@@ -64,7 +64,8 @@ def sample(
         noise: (B, C, f, h, w) eps, the starting point at t = 1.
         steps: ODE steps (Heun costs 2 model calls per step except the last).
         method: "euler" or "heun".
-        shift: timestep shift (use FlowMatching.shift_for(num_tokens), as in training).
+        shift: timestep shift (FlowMatching.sampling_shift(num_tokens): the training shift
+            unless the config sets sampler.shift).
         guidance_scale: v = v_uncond + s * (v_cond - v_uncond); 1 = conditional only.
         context: (B, C, f, h, w) clean latents of the context frames (others are ignored).
         cond_mask: (B, f) bool, True = context frame; clamped to `context` before every model

@@ -170,6 +170,7 @@ class VideoPipeline:
         negative_prompt: str = "",
         seed: int = 0,
         progress: bool = False,
+        shift: float | None = None,
     ) -> Generation:
         """Generate one video per prompt.
 
@@ -183,6 +184,8 @@ class VideoPipeline:
             strength: edit: how much noise to add to the input video (0 = unchanged, 1 = t2v).
             context_latents: extend: how many latent frames of the given video to keep.
             steps, method, guidance_scale: sampler settings (default: the export's).
+            shift: timestep shift spacing the sampler's steps (default: the export's
+                sampler.shift, else the training shift for this many tokens).
             negative_prompt: the text guidance steers away from ("" = unconditional).
             seed: noise seed; the same seed, prompt and settings give the same video.
         Returns:
@@ -230,7 +233,7 @@ class VideoPipeline:
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn((B, C, f, h, w), generator=g)
         pt, ph, pw = self.dit.patch_size
-        shift = self.flow.shift_for((f // pt) * (h // ph) * (w // pw))
+        shift = self.flow.sampling_shift((f // pt) * (h // ph) * (w // pw), shift)
         x0 = sample(model_fn, noise, steps=steps, method=method, shift=shift, guidance_scale=guidance_scale,
                     context=context, cond_mask=cond_mask, start_t=start_t, x_init=x_init, progress=progress)
         out = self.vae.decode(self.vae.denormalize(x0)).clamp(-1, 1)  # (B, 3, F, H, W)

@@ -82,7 +82,7 @@ def test_sample_every_mode_writes_a_tagged_video(smoke_run, tmp_path, mode):
     clip = np.repeat(img[None], 9, axis=0)
     (tmp_path / "clip.mp4").write_bytes(encode_video(clip, 8))
     extra = {
-        "t2v": [],
+        "t2v": ["--shift", "2.5"],
         "image": ["--image", str(tmp_path / "a.png")],
         "extend": ["--extend", str(tmp_path / "clip.mp4")],
         "extend_backward": ["--extend", str(tmp_path / "clip.mp4"), "--backward"],
@@ -105,6 +105,8 @@ def test_sample_every_mode_writes_a_tagged_video(smoke_run, tmp_path, mode):
     assert info["prompt"] == "a small red circle moving left"
     assert len(info["prompt_expanded"].split()) > len(info["prompt"].split())  # re-writer expanded it
     assert len(info["model_sha256"]) == 64
+    if mode == "t2v":
+        assert info["shift"] == 2.5  # the sampler's step spacing, as asked
     assert (out / video.name.replace(".mp4", ".png")).exists()
 
 

@@ -56,6 +56,18 @@ def test_token_shift_grows_with_tokens():
     assert fm.shift_for(10**6) == 3.0
 
 
+def test_sampling_shift_follows_training_unless_set():
+    fm = FlowMatching(TimestepSampler(), base_shift=2.0, sampler={"steps": 10, "shift": None})
+    assert fm.sampling_shift(64) == fm.shift_for(64) == 2.0 and fm.sampling_shift(1024) == pytest.approx(4.0)
+    assert fm.sampling_shift(64, shift=1.5) == 1.5  # a caller's value wins
+    fixed = FlowMatching(TimestepSampler(), base_shift=2.0, sampler={"shift": 3.0})
+    assert fixed.sampling_shift(64) == fixed.sampling_shift(10**6) == 3.0 and fixed.shift_for(64) == 2.0
+    with pytest.raises(SoraError, match="sampler.shift"):
+        FlowMatching(TimestepSampler(), sampler={"shift": 0})
+    with pytest.raises(SoraError, match="sampling shift"):
+        fm.sampling_shift(64, shift=-1.0)
+
+
 def test_timestep_samplers():
     t = TimestepSampler("logit_normal", mean=0.5, std=1.0).sample(20000, gen())
     assert t.shape == (20000,) and (t > 0).all() and (t < 1).all()
@@ -259,5 +271,5 @@ def test_diffusion_configs_instantiate(name, kind):
     fm = instantiate(cfg.diffusion)
     assert isinstance(fm, FlowMatching) and isinstance(fm.timestep_sampler, TimestepSampler)
     assert fm.timestep_sampler.kind == kind
-    assert type(fm.sampler_defaults) is dict and set(fm.sampler_defaults) == {"steps", "method", "guidance_scale"}
+    assert type(fm.sampler_defaults) is dict and set(fm.sampler_defaults) == {"steps", "method", "guidance_scale", "shift"}
     assert cfg.diffusion.sampler.method in ("euler", "heun")
