@@ -198,7 +198,20 @@ def train(cfg: DictConfig) -> float | None:
             out = export_run(cfg, module, datamodule, run_dir)
             log.info("exported weights to %s", out)
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
-    return float(metric) if metric is not None else None
+    metric = float(metric) if metric is not None else None
+    _close_process_group()
+    return metric
+
+
+def _close_process_group() -> None:
+    """Tear a finished run's process group down while the interpreter is still whole: left to
+    the exit, gloo's worker threads can outlive it and abort the process ("terminate called
+    without an active exception"), so a job that finished reads as failed. Only after every
+    rank got here: destroying while another rank is mid-collective can hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main() -> None:

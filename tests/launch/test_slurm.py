@@ -316,6 +316,9 @@ trainer = pl.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", 
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      callbacks=[Report()], default_root_dir=sys.argv[1])
 trainer.fit(Tiny(), loader())
+# Tear the gloo group down while the interpreter is whole: left to exit, gloo's worker threads
+# can outlive it and abort the process ("terminate called without an active exception").
+torch.distributed.destroy_process_group()
 """
 
 
