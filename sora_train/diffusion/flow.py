@@ -49,9 +49,7 @@ class FlowMatching:
         unknown = sorted(set(self.sampler_defaults) - set(SAMPLER_KEYS))
         if unknown:
             raise SoraError(f"diffusion.sampler has unknown key {unknown[0]!r}; valid: {list(SAMPLER_KEYS)}")
-        shift = self.sampler_defaults.get("shift")
-        if shift is not None and not float(shift) > 0:
-            raise SoraError(f"diffusion.sampler.shift must be > 0 (or null: the training shift), got {shift}")
+        self.sampling_shift(None)  # a bad sampler.shift fails here, not at the first sample
 
     def shift_for(self, num_tokens: int | None) -> float:
         """The training timestep shift for samples of `num_tokens` DiT tokens."""
@@ -67,7 +65,7 @@ class FlowMatching:
         if shift is None:
             return self.shift_for(num_tokens)
         if not float(shift) > 0:
-            raise SoraError(f"sampling shift must be > 0, got {shift}")
+            raise SoraError(f"sampling shift must be > 0 (diffusion.sampler.shift or --shift; null: the training shift), got {shift}")
         return float(shift)
 
     def training_losses(
