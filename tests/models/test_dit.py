@@ -236,3 +236,26 @@ def test_dit_configs_instantiate(size):
     with torch.device("meta"):
         model = instantiate(cfg.dit)(in_channels=16, text_dim=4096)
     assert isinstance(model, DiT) and model.activation_checkpointing is False
+    assert cfg.dit.size == size
+
+
+def test_every_size_has_a_conf_file():
+    """A size lives in DIT_SIZES alone: each conf/dit option names one size, its own file name
+    (test_dit_configs_instantiate checks the name), and every size has an option."""
+    assert {p.stem for p in (CONF / "dit").glob("*.yaml")} == set(DIT_SIZES)
+
+
+def test_conf_dit_architecture_overrides_are_plain():
+    """_base_/dit.yaml lists every key a size sets (null: the size's value), so
+    `dit.hidden_size=...` needs no `+`, on any size, and null changes nothing."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = compose(overrides=["+dit=debug"]).dit
+        wide = compose(overrides=["+dit=1B", "dit.hidden_size=1024", "dit.num_heads=8"]).dit
+    assert {k for k in base if base[k] is None} == {k for size in DIT_SIZES.values() for k in size}
+    assert instantiate(base)(in_channels=C, text_dim=TEXT_DIM).config() == make().config()
+    with torch.device("meta"):
+        model = instantiate(wide)(in_channels=16, text_dim=64)
+    assert (model.hidden_size, model.num_heads, len(model.blocks)) == (1024, 8, DIT_SIZES["1B"]["depth"])

@@ -284,12 +284,19 @@ def test_param_counts():
     assert counts["debug"] == build_vae("debug").num_params()
 
 
+def _conf_vae(name: str, *overrides: str):
+    """conf/vae/<name>.yaml as Hydra composes it (the option includes _base_/vae.yaml)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR.parent), version_base="1.3"):
+        return compose(overrides=[f"+vae={name}", *overrides]).vae
+
+
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_conf_vae_instantiates(path):
     hydra_utils = pytest.importorskip("hydra.utils")
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
+    cfg = _conf_vae(path.stem)
     with torch.device("meta"):  # no weight memory or init cost for the large sizes
         vae = hydra_utils.instantiate(cfg)
     assert isinstance(vae, CausalVAE)
@@ -299,7 +306,24 @@ def test_conf_vae_instantiates(path):
 
 
 def test_every_size_has_a_conf_file():
+    """A size lives in VAE_SIZES alone: each option names one size, its own file name."""
     assert {p.stem for p in CONF_DIR.glob("*.yaml")} == set(VAE_SIZES)
+    for name in VAE_SIZES:
+        assert _conf_vae(name).size == name
+
+
+def test_conf_vae_architecture_overrides_are_plain():
+    """_base_/vae.yaml lists every key a size sets (null: the size's value), so
+    `vae.latent_channels=8` needs no `+`, on any size, and null changes nothing."""
+    pytest.importorskip("hydra")
+    from hydra.utils import instantiate
+
+    base = _conf_vae("debug")
+    assert {k for k in base if base[k] is None} == {k for size in VAE_SIZES.values() for k in size}
+    assert instantiate(base).config() == build_vae("debug").config()
+    with torch.device("meta"):
+        vae = instantiate(_conf_vae("standard_4x8x8_16c", "vae.latent_channels=8"))
+    assert vae.latent_channels == 8 and vae.spatial_factor == 8
 
 
 # ----------------------------------------------------------------------------- losses

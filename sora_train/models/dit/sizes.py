@@ -1,5 +1,8 @@
 """DiT size registry: name -> constructor kwargs (everything except in_channels / text_dim).
 
+The one place a size's numbers live: `conf/dit/<size>.yaml` names the size and nothing else
+(`dit=1B`), and tests/models/test_dit.py fails when options and sizes disagree.
+
 Parameter counts are approximate and checked on the meta device in tests (in_channels=16,
 text_dim=4096). Per block a DiT with cross-attention holds about 16*D^2 parameters:
 4D^2 self-attention, 4D^2 cross-attention, 8D^2 MLP (ratio 4), plus 6D^2 adaLN with
@@ -35,7 +38,12 @@ _DIT_ARGS = set(inspect.signature(DiT.__init__).parameters) - {"self"}
 
 
 def build_dit(size: str, in_channels: int, text_dim: int, **overrides) -> DiT:
-    """Build a DiT of a registered size; overrides replace any constructor kwarg."""
+    """Build a DiT of a registered size; overrides replace any constructor kwarg.
+
+    An override of None keeps the size's value (or the DiT default): conf/dit/_base_/dit.yaml
+    lists the size's keys as null so that ``dit.hidden_size=...`` is a plain override.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if size not in DIT_SIZES:
         raise SoraError(f"dit size={size!r} is unknown; choose one of {sorted(DIT_SIZES)}")
     unknown = sorted(set(overrides) - _DIT_ARGS)

@@ -1,4 +1,5 @@
-"""Named CausalVAE sizes. `conf/vae/<size>.yaml` instantiates `build_vae(size=...)`.
+"""Named CausalVAE sizes: the one place their numbers live. `conf/vae/<size>.yaml` names a
+size and nothing else (`build_vae(size=...)`); a test checks options and sizes match.
 
 | size               | space / time | Cz | params | use                                             |
 |--------------------|--------------|----|--------|-------------------------------------------------|
@@ -33,7 +34,12 @@ VAE_SIZES: dict[str, dict] = {
 
 
 def build_vae(size: str, **overrides) -> CausalVAE:
-    """CausalVAE of a named size; `overrides` replace constructor kwargs (e.g. latent_channels)."""
+    """CausalVAE of a named size; `overrides` replace constructor kwargs (e.g. latent_channels).
+
+    An override of None keeps the size's value (or the CausalVAE default): conf/vae/_base_/vae.yaml
+    lists the size's keys as null so that ``vae.latent_channels=8`` is a plain override.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if size not in VAE_SIZES:
         raise SoraError(f"vae size {size!r}: unknown, expected one of {sorted(VAE_SIZES)}")
     allowed = set(inspect.signature(CausalVAE.__init__).parameters) - {"self"}
