@@ -491,10 +491,18 @@ def test_hf_bad_paths(tmp_path):
 # ----------------------------------------------------------------------------- conf/rewriter
 
 
+def _conf(name: str):
+    """conf/rewriter/<name>.yaml as Hydra composes it (the option includes _base_/rewriter.yaml)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        return compose(overrides=[f"+rewriter={name}"]).rewriter
+
+
 def _instantiate(name: str, **overrides):
     from hydra.utils import instantiate
 
-    return instantiate(OmegaConf.merge(OmegaConf.load(CONF / f"{name}.yaml"), overrides))
+    return instantiate(OmegaConf.merge(_conf(name), overrides))
 
 
 def test_conf_rewriters_instantiate(server, tiny_lm, key_env):
@@ -502,7 +510,7 @@ def test_conf_rewriters_instantiate(server, tiny_lm, key_env):
     template = _instantiate("template")
     assert isinstance(template, TemplateRewriter) and template.rewrite_one("a cat").status == "rewritten"
 
-    cfg = OmegaConf.load(CONF / "openai.yaml")
+    cfg = _conf("openai")
     assert cfg.api_key_env == "OPENAI_API_KEY" and cfg.base_url == "http://127.0.0.1:8000/v1"
     assert OmegaConf.is_missing(cfg, "model")
     with pytest.raises(Exception, match="model"):
@@ -514,7 +522,9 @@ def test_conf_rewriters_instantiate(server, tiny_lm, key_env):
     hf = _instantiate("hf", path=str(tiny_lm), device="cpu", dtype="float32", examples=[])
     assert isinstance(hf, HFRewriter) and hf.concurrency == 1 and hf.dtype == "float32"
 
-    # Every option file carries the same shared options.
-    shared = set(OmegaConf.load(CONF / "identity.yaml").keys()) - {"_target_"}
+    # Every option carries the same shared options (written once, in _base_/rewriter.yaml).
+    shared = set(_conf("identity").keys()) - {"_target_"}
+    assert shared == set(OmegaConf.load(CONF / "_base_" / "rewriter.yaml").keys())
     for name in ("template", "openai", "hf"):
-        assert shared <= set(OmegaConf.load(CONF / f"{name}.yaml").keys()), name
+        assert shared <= set(_conf(name).keys()), name
+    assert {p.stem for p in CONF.glob("*.yaml")} == {"identity", "template", "openai", "hf"}
