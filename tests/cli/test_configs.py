@@ -121,6 +121,44 @@ def test_unknown_option_is_one_line_error(capsys):
     assert "dit/2B" in err and "1B" in err and "\n" not in err
 
 
+def _documented_overrides() -> list[list[str]]:
+    """The `sora-train ...` lines of the bash blocks in docs/configs.md, as override lists."""
+    import re
+    import shlex
+
+    text = (CONF.parent / "docs" / "configs.md").read_text(encoding="utf-8")
+    lines = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.S) for ln in block.splitlines()]
+    return [shlex.split(ln)[1:] for ln in lines if ln.startswith("sora-train ")]
+
+
+def test_documented_overrides_compose():
+    """docs/configs.md's examples are plain overrides that do what the text says they do."""
+    runs = _documented_overrides()
+    assert len(runs) >= 8
+    for overrides in runs:
+        cfg = _compose(overrides)
+        if "dit=1B" in overrides:
+            with torch.device("meta"):
+                dit = instantiate(cfg.dit)(in_channels=16, text_dim=64)
+            hidden = 1024 if "dit.hidden_size=1024" in overrides else 1536  # null: the size's own
+            assert dit.hidden_size == hidden, overrides
+        if any(o.startswith("data.caption_probs=") for o in overrides):  # complete: nothing merged in
+            assert dict(cfg.data.caption_probs) == {"rewritten": 0.8, "original": 0.2, "dense": 0}
+        if any(o.startswith("task.conditioning.weights=") for o in overrides):
+            assert {k: v for k, v in cfg.task.conditioning.weights.items() if v} == {"t2v": 1.0}
+
+
+def test_dict_options_name_every_key():
+    """A dict override merges, so the dict options whose keys are alternatives list them all:
+    a plain override naming every key then replaces the whole distribution."""
+    sources = {"original", "dense", "rewritten"}
+    for option in ("shapes", "shards"):
+        assert set(_compose([f"data={option}"] + REQUIRED.get(("data", option), [])).data.caption_probs) == sources, option
+    for name in ("finetune_full", "shapes_quality"):  # experiments that pick one source
+        cfg = _compose([f"experiment={name}"] + REQUIRED.get(("experiment", name), []))
+        assert {k for k, v in cfg.data.caption_probs.items() if v} == {"original"}, name
+
+
 def test_saved_config_holds_no_secret(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-should-never-appear")
     cfg = _compose(["rewriter=openai", "rewriter.model=m"])
