@@ -22,12 +22,17 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	touch $@
 
+# invisible-watermark with --no-deps: see the comment in pyproject.toml.
+WATERMARK_SPEC ?= invisible-watermark==0.2.0
+
 $(VENV)/.installed: pyproject.toml setup.py $(VENV)/.torch
 	$(BIN)/python -m pip install -e .
+	$(BIN)/python -m pip install --no-deps "$(WATERMARK_SPEC)"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml setup.py $(VENV)/.torch
 	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install --no-deps "$(WATERMARK_SPEC)"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

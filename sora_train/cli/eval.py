@@ -3,6 +3,7 @@
   sora-eval loss-plot RUN_DIR [RUN_DIR ...] --out loss.png     loss curves of one or more runs
   sora-eval vae --vae EXPORT --shards DIR [--out DIR]             VAE reconstruction PSNR/SSIM + side-by-side video
   sora-eval shapes --ckpt RUN_DIR/export [--out DIR] [--fast]    caption adherence and prompting modes, from pixels
+  sora-eval provenance FILE [FILE ...] [--trust CA.pem] [--json]  C2PA manifest + watermark: ours / not ours / unknown
 """
 
 from __future__ import annotations
@@ -103,6 +104,34 @@ def vae(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, num_videos=args.num_videos, chunk_frames=args.chunk_frames, tile=args.tile, device=args.device,
     )
     print_report(result, args.out)
+    return 0
+
+
+def _provenance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help="videos or images to check")
+    p.add_argument("--trust", help="PEM file of CA certificates to trust (default: $SORA_C2PA_TRUST_ANCHORS; none: signatures are checked, signers are not)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per file instead of text")
+    p.add_argument("--no-watermark", action="store_true", help="check the manifest only (skips decoding frames)")
+
+
+@command("provenance", _provenance_args)
+def provenance(args: argparse.Namespace) -> int:
+    """Per file: C2PA manifest present and valid, its claims, the watermark's payload and confidence.
+
+    Exit status: 0 every file ours, 1 some file not ours, 3 otherwise some file unknown."""
+    import json
+
+    from sora_train.provenance.verify import EXIT_CODES, NOT_OURS, UNKNOWN, inspect_file, load_trust_anchors, summarize
+
+    anchors = load_trust_anchors(args.trust)
+    verdicts = []
+    for f in args.files:
+        report = inspect_file(f, anchors, watermark=not args.no_watermark)
+        verdicts.append(report.verdict)
+        print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else summarize(report), flush=True)
+    for verdict in (NOT_OURS, UNKNOWN):
+        if verdict in verdicts:
+            return EXIT_CODES[verdict]
     return 0
 
 
