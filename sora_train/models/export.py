@@ -1,7 +1,8 @@
 """Model export: weights as safetensors + a JSON of how to rebuild each part.
 
 Sampling, evaluation and fine-tuning read exports, never Lightning/DeepSpeed checkpoints, so
-nothing a user is handed is ever unpickled. Layout of an export directory:
+nothing a user is handed is ever unpickled. Layout of an export directory (read by
+`sora_train.utils.exports`, which `data` shares to fingerprint a part without building it):
 
     model.safetensors   tensors, prefixed by part: "vae.", "text.", "dit.", "ema."
     model.json          {"parts": {name: {"target": "pkg.Class", "config": {...}}}, "meta": {...}}
@@ -10,7 +11,6 @@ nothing a user is handed is ever unpickled. Layout of an export directory:
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,8 @@ import torch
 from torch import nn
 
 from sora_train.utils.errors import SoraError
+from sora_train.utils.exports import CONFIG_NAME, WEIGHTS_NAME, read_export_spec
 from sora_train.utils.io import atomic_write_json, sha256_file
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "model.json"
 
 
 def class_path(obj: Any) -> str:
@@ -77,9 +75,7 @@ def load_parts(export_dir: str | Path, names: list[str] | None = None, map_locat
     from safetensors.torch import load_file
 
     d = Path(export_dir)
-    if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
-        raise SoraError(f"{d} is not a sora_train export (needs {CONFIG_NAME} and {WEIGHTS_NAME}); make one with sora-train or `sora-train ... export`")
-    spec = json.loads((d / CONFIG_NAME).read_text())
+    spec = read_export_spec(d)
     state = load_file(str(d / WEIGHTS_NAME), device=map_location)
     modules: dict[str, nn.Module] = {}
     for name, part in spec["parts"].items():
