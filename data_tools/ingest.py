@@ -8,7 +8,7 @@ Per input file, in a worker process (a decoder crash costs one file, not the run
 read -> sha256 -> probe by decoding every frame (probe.py) -> plan clips (scenes.py) ->
 the clip bytes: the original file untouched when it is one clip, else each frame range
 re-encoded as H.264 (crf 17, same fps) and checked to decode to exactly its frame count.
-The parent writes the results in input order through ShardWriter, so the same inputs give
+The parent writes the results in input order through ShardSetWriter, so the same inputs give
 the same shards whatever the worker count.
 
 Re-running into the same --out resumes: ``done.jsonl`` lists every source whose samples sit
@@ -28,12 +28,12 @@ import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from sora_train import __version__
-from sora_train.data.shards import INDEX_NAME, REJECTS_NAME, ShardWriter, shape_key
+from sora_train.data.shards import REJECTS_NAME, sample_entry
+from sora_train.data.shardset import ShardLedger, ShardSetSpec, ShardSetWriter
 from sora_train.data_tools.probe import (
     REASONS,
     Crashed,
@@ -49,17 +49,15 @@ from sora_train.data_tools.probe import (
     short,
 )
 from sora_train.data_tools.scenes import DEFAULT_SCENE_THRESHOLD, ClipLimits, SceneCutter, plan_clips
-from sora_train.utils import atomic_write_json, atomic_write_text, get_logger, sha256_bytes, stable_hash
+from sora_train.utils import get_logger, sha256_bytes, stable_hash
 from sora_train.utils.errors import SoraError
 
 log = get_logger(__name__)
 
 HELP = "footage folders/files + captions -> webdataset shards, index.json, rejects.jsonl"
 TOOL = "sora-data ingest"
-LEDGER_NAME = "done.jsonl"
 # Bump when the bytes or json written for the same input and options change.
 INGEST_FORMAT = "sora_train.ingest/1"
-SHARD_PREFIX = "shard"
 MISSING_CAPTION_POLICIES = ("reject", "empty")
 
 
@@ -320,142 +318,59 @@ def clip_key(sha256: str, start: int, end: int) -> str:
     return f"{sha256[:16]}_{start}_{end}"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a half-written last line from a killed run
-    return rows
-
-
-class _Ledger:
-    """done.jsonl: which samples are in finished shards, and which sources are complete.
+class SourceLedger(ShardLedger):
+    """done.jsonl of ingest: which samples are in finished shards, and which sources are complete.
 
     One row per (source, shard) batch: ``{"sha256", "source", "options_hash", "complete",
-    "clips": [{"key", "shard", "num_frames", "height", "width", "duration"}]}``. Rows are
-    appended right after a shard is renamed into place, never before, so the ledger never
-    claims a sample that is not on disk. A source is skipped on a re-run only once a row marks
-    it ``complete``; a source cut off by a kill is redone, and its clips already on disk (same
-    keys, since keys are deterministic) are not written twice.
+    "clips": [{"key", "shard", "num_frames", "height", "width", "duration"}]}``. A source is
+    skipped on a re-run only once a row marks it ``complete``; a source cut off by a kill is
+    redone, and its clips already on disk (same keys, since keys are deterministic) are not
+    written twice.
     """
 
-    def __init__(self, out: Path) -> None:
-        self.path = out / LEDGER_NAME
-        if self.path.is_file():
-            text = self.path.read_bytes()
-            if text and not text.endswith(b"\n"):  # a killed append: drop the partial row
-                atomic_write_text(self.path, text[: text.rfind(b"\n") + 1].decode("utf-8"))
-        self.rows = _read_jsonl(self.path)
-        self.keys = {c["key"] for r in self.rows for c in r["clips"]}
-        self._pending: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (source state, clip) in write order
-        self._known_shards = 0
+    entries_field = "clips"
+
+    def entries(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for r in self.rows:
+            for c in r["clips"]:
+                yield c["shard"], c
 
     def complete_sources(self) -> set[str]:
         return {r["sha256"] for r in self.rows if r.get("complete")}
 
-    def adopt(self, shard: Path, options_hash: str) -> int:
-        """Record the samples of a finished shard that the ledger does not know (a run killed
-        between renaming the shard and appending its rows). Returns how many."""
-        from sora_train.data.shards import iter_samples
+    def begin(self, source: dict[str, Any]) -> None:
+        """A source ({"sha256", "source", "total"}) whose ``total`` clips are about to be written."""
+        source["recorded"] = 0
+        if source["total"] == 0:  # every clip was already on disk
+            self._append([self._row(source, True)])
 
-        rows: dict[str, dict[str, Any]] = {}
-        for sample in iter_samples(shard, exts=()):
-            if sample["__key__"] in self.keys or "json" not in sample:
-                continue
-            meta = json.loads(sample["json"])
-            sha = meta["source"]["sha256"]
-            state = {"sha256": sha, "source": meta["source"]["path"], "options_hash": options_hash}
-            row = rows.setdefault(sha, self._row(state, [], False))
-            row["clips"].append({"key": sample["__key__"], "shard": shard.name, "num_frames": meta["num_frames"],
-                                 "height": meta["height"], "width": meta["width"], "duration": meta["duration"]})
-        self._append(list(rows.values()))
-        return sum(len(r["clips"]) for r in rows.values())
-
-    def begin(self, state: dict[str, Any]) -> None:
-        """A source whose clips are about to be written (``state["total"]`` of them)."""
-        state["recorded"] = 0
-        if state["total"] == 0:  # every clip was already on disk
-            self._append([self._row(state, [], True)])
-
-    def written(self, state: dict[str, Any], clip: dict[str, Any], writer: ShardWriter) -> None:
-        """Call after each writer.write()."""
-        if len(writer.shards) > self._known_shards:  # this write first closed the shard before it
-            self._finished(writer.shards[-1]["name"], len(self._pending))
-            self._known_shards = len(writer.shards)
-        self._pending.append((state, clip))
-
-    def closed(self, writer: ShardWriter) -> None:
-        if len(writer.shards) > self._known_shards:
-            self._finished(writer.shards[-1]["name"], len(self._pending))
-            self._known_shards = len(writer.shards)
-
-    def _finished(self, shard: str, n: int) -> None:
-        done, self._pending = self._pending[:n], self._pending[n:]
+    def _rows(self, shard: str, done: list[tuple[Any, dict[str, Any]]]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        for state, clip in done:
+        for source, clip in done:
             clip["shard"] = shard
-            if not rows or rows[-1]["sha256"] != state["sha256"]:
-                rows.append(self._row(state, [], False))
+            if not rows or rows[-1]["sha256"] != source["sha256"]:
+                rows.append(self._row(source, False))
             rows[-1]["clips"].append(clip)
-            state["recorded"] += 1
-            rows[-1]["complete"] = state["recorded"] == state["total"]
-        self._append(rows)
+            source["recorded"] += 1
+            rows[-1]["complete"] = source["recorded"] == source["total"]
+        return rows
 
-    @staticmethod
-    def _row(state: dict[str, Any], clips: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
-        return {"sha256": state["sha256"], "source": state["source"], "options_hash": state["options_hash"],
-                "complete": complete, "clips": clips}
+    def _adopted(self, shard: str, found: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        for key, meta in found:
+            src = meta["source"]
+            row = rows.setdefault(src["sha256"], self._row({"sha256": src["sha256"], "source": src["path"]}, False))
+            row["clips"].append({**sample_entry(key, meta), "shard": shard})
+        return list(rows.values())
 
-    def _append(self, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
-        self.rows += rows
-        self.keys.update(c["key"] for r in rows for c in r["clips"])
+    def _without(self, missing: set[str]) -> list[dict[str, Any]]:
+        lost = {r["sha256"] for r in self.rows for c in r["clips"] if c["shard"] in missing}
+        rows = [{**r, "clips": [c for c in r["clips"] if c["shard"] not in missing], "complete": r["complete"] and r["sha256"] not in lost}
+                for r in self.rows]
+        return [r for r in rows if r["clips"] or r["complete"]]
 
-
-def _prepare_out(out: Path, opts: IngestOptions) -> tuple[_Ledger, int]:
-    """Check --out, load the ledger, clean up after a killed run; -> (ledger, next shard index)."""
-    if out.exists() and not out.is_dir():
-        raise IngestFailed(f"--out {display_path(out)} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise IngestFailed(f"cannot create --out {display_path(out)}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise IngestFailed(f"--out {display_path(out)} is not writable")
-    ledger = _Ledger(out)
-    shards = sorted(out.glob(f"{SHARD_PREFIX}-*.tar"))
-    if not ledger.path.exists() and (shards or (out / INDEX_NAME).exists()):
-        raise SoraError(
-            f"--out {display_path(out)} holds a shard set not written by sora-data ingest (no {LEDGER_NAME}); "
-            "use an empty or new directory"
-        )
-    mine = opts.options_hash()
-    theirs = {r.get("options_hash") for r in ledger.rows} - {mine}
-    if theirs:
-        old = {}
-        if (out / INDEX_NAME).is_file():
-            old = json.loads((out / INDEX_NAME).read_text(encoding="utf-8")).get("options", {})
-        diff = ", ".join(f"{k}={old.get(k)!r} there, {v!r} here" for k, v in opts.written().items() if k in old and old[k] != v)
-        diff = diff or "options hash " + ", ".join(sorted(map(str, theirs)))
-        raise SoraError(f"--out {display_path(out)} was ingested with different options ({diff}); use the same options or a new --out")
-    for tmp in out.glob(f".{SHARD_PREFIX}-*.tar.tmp"):  # the shard being written when a run was killed
-        tmp.unlink()
-    # Only the newest shard can hold samples the ledger does not know: each shard's rows are
-    # appended before the next shard can be finished.
-    if shards:
-        adopted = ledger.adopt(shards[-1], mine)
-        if adopted:
-            log.warning("%s: recorded %d samples that a killed run had not", shards[-1].name, adopted)
-    return ledger, (int(shards[-1].stem.rsplit("-", 1)[1]) + 1 if shards else 0)
+    def _row(self, source: dict[str, Any], complete: bool) -> dict[str, Any]:
+        return {"sha256": source["sha256"], "source": source["source"], "options_hash": self.options_hash, "complete": complete, "clips": []}
 
 
 def ingest(
@@ -481,7 +396,6 @@ def ingest(
         other = 0
     else:
         raise SoraError("give INPUT folders/files, or --manifest")
-    ledger, start_index = _prepare_out(out, options)
 
     tasks: list[dict[str, Any]] = []
     for root, f in files:
@@ -500,19 +414,19 @@ def ingest(
         if unmatched:
             log.warning("%d manifest rows name files that are not among the inputs; they were not ingested", unmatched)
 
-    n_old_rejects = len(_read_jsonl(out / REJECTS_NAME))
-    old_runs = _read_runs(out)  # before ShardWriter.close() writes an index of this run alone
+    spec = ShardSetSpec(tool=TOOL, label=f"--out {display_path(out)}", verb="ingested", options=options.written(),
+                        options_hash=options.options_hash(), reject_field="file", failure=IngestFailed)
+    shard_set = ShardSetWriter(out, spec, SourceLedger, max_count=options.shard_max_count, max_bytes=options.shard_max_bytes)
+    ledger: SourceLedger = shard_set.ledger  # type: ignore[assignment]
     run: dict[str, Any] = {"inputs": len(tasks), "other_files": other, "kept_sources": 0, "kept_clips": 0,
                            "skipped": 0, "rejected": Counter(), "seconds_of_video": 0.0}
     reevaluated: set[str] = set()
     seen: dict[str, str] = {}
     context = {"options": options, "skip": frozenset(ledger.complete_sources())}
     pool = IsolatedPool(_ingest_task, context, workers=options.workers, timeout=options.timeout)
-    writer = ShardWriter(out, prefix=SHARD_PREFIX, max_count=options.shard_max_count, max_bytes=options.shard_max_bytes,
-                         tool=TOOL, options=options.written(), start_index=start_index)
     results = pool.imap(tasks)
     try:
-        with progress("ingest", len(tasks)) as advance:
+        with shard_set, progress("ingest", len(tasks)) as advance:
             for task, res in zip(tasks, results):
                 if isinstance(res, Crashed):
                     res = {"status": "rejected", "reason": res.reason, "detail": res.detail, "sha256": None}
@@ -525,25 +439,19 @@ def ingest(
                     res = {"status": "rejected", "reason": "duplicate", "detail": f"same bytes as {first}", "sha256": res["sha256"]}
                 if res["status"] == "rejected":
                     extra = {"sha256": res["sha256"]} if res["sha256"] else {}
-                    writer.reject(task["rel"], res["reason"], res["detail"], file=task["display"], **extra)
+                    shard_set.reject(task["rel"], res["reason"], res["detail"], file=task["display"], **extra)
                     run["rejected"][res["reason"]] += 1
                 elif res["status"] == "kept":
                     seen[res["sha256"]] = task["rel"]
-                    _write_source(writer, ledger, task, res, options, run)
+                    _write_source(shard_set, ledger, task, res, options, run)
                 advance(f"ingest: {run['kept_clips']} clips kept, {sum(run['rejected'].values())} rejected")
-    except BaseException as e:  # Ctrl-C, or a bug: keep finished shards, drop the partial one, write no index
-        writer.__exit__(type(e), e, e.__traceback__)
-        raise
     finally:
         results.close()  # stops the workers
-    writer.close()
-    ledger.closed(writer)
-    _rewrite_rejects(out, n_old_rejects, reevaluated)
     run["rejected"] = dict(run["rejected"].most_common())
     run["seconds_of_video"] = round(run["seconds_of_video"], 3)
     run["wall_seconds"] = round(time.monotonic() - t0, 3)
     run["workers"] = options.workers
-    index = _write_index(out, ledger, options, old_runs + [run])
+    index = shard_set.close(run, reevaluated, ingest_format=INGEST_FORMAT, num_sources=len({r["sha256"] for r in ledger.rows}))
     if not quiet:
         print_summary(index, run, out)
     if index["num_samples"] == 0:
@@ -557,15 +465,15 @@ def ingest(
 
 
 def _write_source(
-    writer: ShardWriter, ledger: _Ledger, task: dict[str, Any], res: dict[str, Any], opts: IngestOptions, run: dict[str, Any]
+    out: ShardSetWriter, ledger: SourceLedger, task: dict[str, Any], res: dict[str, Any], opts: IngestOptions, run: dict[str, Any]
 ) -> None:
     """Write a kept source's clips (those not already on disk) and report its dropped scenes."""
     info, sha, cap = res["info"], res["sha256"], task["caption"]
     caption = cap["caption"] or ""
     captions = {"original": caption, **cap["captions"]} if cap["caption"] is not None else dict(cap["captions"])
     todo = [c for c in res["clips"] if clip_key(sha, c["start"], c["end"]) not in ledger.keys]  # not already on disk
-    state = {"sha256": sha, "source": task["rel"], "options_hash": opts.options_hash(), "total": len(todo)}
-    ledger.begin(state)
+    source = {"sha256": sha, "source": task["rel"], "total": len(todo)}
+    ledger.begin(source)
     for c in todo:
         key = clip_key(sha, c["start"], c["end"])
         duration = c["num_frames"] / c["fps"] if c["fps"] > 0 else 0.0
@@ -585,68 +493,15 @@ def _write_source(
             meta["license"] = cap["license"]
         if cap["extra"]:
             meta["extra"] = cap["extra"]
-        writer.write(key, {c["ext"]: c["data"]}, meta)
-        clip = {"key": key, "num_frames": c["num_frames"], "height": c["height"], "width": c["width"], "duration": meta["duration"]}
-        ledger.written(state, clip, writer)
+        out.write(key, {c["ext"]: c["data"]}, meta, group=source)
         run["kept_clips"] += 1
         run["seconds_of_video"] += duration
     run["kept_sources"] += 1
     fps = info["fps"] or 1.0
     for s, e in res["dropped"]:
         detail = f"scene [{s}, {e}) is {(e - s) / fps:.2f} s"
-        writer.reject(task["rel"], "clip_too_short", detail, file=task["display"], sha256=sha, frame_range=[s, e])
+        out.reject(task["rel"], "clip_too_short", detail, file=task["display"], sha256=sha, frame_range=[s, e])
         run["rejected"]["clip_too_short"] += 1
-
-
-def _read_runs(out: Path) -> list[dict[str, Any]]:
-    try:
-        return list(json.loads((out / INDEX_NAME).read_text(encoding="utf-8")).get("runs", []))
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return []
-
-
-def _rewrite_rejects(out: Path, n_old: int, reevaluated: set[str]) -> None:
-    """Old reject rows of files looked at again this run are replaced by this run's rows."""
-    rows = _read_jsonl(out / REJECTS_NAME)
-    keep = [r for r in rows[:n_old] if r.get("file") not in reevaluated] + rows[n_old:]
-    if len(keep) != len(rows):
-        atomic_write_text(out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
-
-
-def _write_index(out: Path, ledger: _Ledger, opts: IngestOptions, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """index.json over every shard of the set (all runs), from the ledger."""
-    counts: Counter[str] = Counter()
-    shapes: Counter[str] = Counter()
-    seconds = 0.0
-    seen: set[str] = set()
-    for r in ledger.rows:
-        for c in r["clips"]:
-            if c["key"] in seen:
-                continue
-            seen.add(c["key"])
-            counts[c["shard"]] += 1
-            shapes[shape_key(c["num_frames"], c["height"], c["width"])] += 1
-            seconds += c["duration"]
-    rejects = _read_jsonl(out / REJECTS_NAME)
-    index = {
-        "format": "sora_train.shards/1",
-        "tool": TOOL,
-        "tool_version": __version__,
-        "ingest_format": INGEST_FORMAT,
-        "options": opts.written(),
-        "options_hash": opts.options_hash(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "num_samples": sum(counts.values()),
-        "num_sources": len({r["sha256"] for r in ledger.rows}),
-        "num_rejects": len(rejects),
-        "rejects_by_reason": dict(Counter(r.get("reason") for r in rejects).most_common()),
-        "hours": round(seconds / 3600.0, 6),
-        "shape_histogram": dict(sorted(shapes.items())),
-        "shards": [{"name": n, "count": counts[n], "bytes": (out / n).stat().st_size} for n in sorted(counts)],
-        "runs": runs,
-    }
-    atomic_write_json(out / INDEX_NAME, index)
-    return index
 
 
 def print_summary(index: dict[str, Any], run: dict[str, Any], out: Path) -> None:

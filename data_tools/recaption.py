@@ -8,7 +8,7 @@
 The re-writer is a ``conf/rewriter/NAME.yaml`` option composed with ``--rewriter-opt``
 overrides (the same composition ``sora-sample --rewriter`` uses). Samples are read in order
 and sent in chunks of ``--batch-size`` to ``Rewriter.rewrite``, which runs ``concurrency``
-requests at once; each chunk is written in input order through ShardWriter, so a
+requests at once; each chunk is written in input order through ShardSetWriter, so a
 deterministic backend gives the same shards on every run. Per sample:
 
 - every member but the json (the media) is copied byte for byte;
@@ -46,16 +46,17 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from sora_train import __version__
-from sora_train.data.shards import INDEX_NAME, REJECTS_NAME, REQUIRED_META, ShardWriter, iter_samples, read_index, shape_key, shard_paths
+from sora_train.data.shards import REJECTS_NAME, REQUIRED_META, iter_samples, read_index, sample_entry, shard_paths
+from sora_train.data.shardset import ShardLedger, ShardSetSpec, ShardSetWriter
 from sora_train.data.video_io import IMAGE_EXTS, VIDEO_EXTS
 from sora_train.data_tools.probe import display_path, progress, short
-from sora_train.utils import atomic_write_json, atomic_write_text, get_logger, stable_hash
+from sora_train.utils import get_logger, stable_hash
 from sora_train.utils.errors import SoraError
 
 if TYPE_CHECKING:
@@ -65,10 +66,8 @@ log = get_logger(__name__)
 
 HELP = "rewrite the captions of a shard set with a re-writer (optionally looking at frames) -> a new shard set"
 TOOL = "sora-data recaption"
-LEDGER_NAME = "done.jsonl"
 # Bump when the json written for the same input, options and rewrite changes.
 RECAPTION_FORMAT = "sora_train.recaption/1"
-SHARD_PREFIX = "shard"
 CAPTION_SOURCE = "rewritten"  # the key added to each sample's ``captions``
 FRAME_FORMATS = ("jpg", "png")
 STATUSES = ("rewritten", "cached", "identity", "fallback")
@@ -193,127 +192,10 @@ def sample_frames(data: bytes, ext: str, num_frames: int, n: int, max_side: int,
 
 
 # -- the ledger ------------------------------------------------------------------------------
-class _Ledger:
-    """done.jsonl: one row per finished shard, ``{"shard", "options_hash", "samples": [{"key",
-    "num_frames", "height", "width", "duration", "status"}]}``, appended right after the shard is
-    renamed into place — never before, so it never claims a sample that is not on disk. A shard
-    finished by a run that was killed before appending its row is adopted by reading it."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / LEDGER_NAME
-        if self.path.is_file():
-            text = self.path.read_bytes()
-            if text and not text.endswith(b"\n"):  # a killed append: drop the partial row
-                atomic_write_text(self.path, text[: text.rfind(b"\n") + 1].decode("utf-8"))
-        self.rows = _read_jsonl(self.path)
-        self.keys = {s["key"] for r in self.rows for s in r["samples"]}
-        self._pending: list[dict[str, Any]] = []
-        self._known_shards = 0
-
-    def adopt(self, shard: Path, options_hash: str) -> int:
-        if any(r["shard"] == shard.name for r in self.rows):
-            return 0
-        samples = []
-        for sample in iter_samples(shard, exts=()):
-            if "json" not in sample:
-                continue
-            meta = json.loads(sample["json"])
-            status = ((meta.get("captions_meta") or {}).get(CAPTION_SOURCE) or {}).get("status", "fallback")
-            samples.append(_ledger_sample(sample["__key__"], meta, status))
-        self._append([{"shard": shard.name, "options_hash": options_hash, "samples": samples}])
-        return len(samples)
-
-    def written(self, sample: dict[str, Any], writer: ShardWriter, options_hash: str) -> None:
-        """Call after each writer.write()."""
-        if len(writer.shards) > self._known_shards:  # this write first closed the shard before it
-            self._finished(writer.shards[-1]["name"], options_hash)
-        self._pending.append(sample)
-
-    def closed(self, writer: ShardWriter, options_hash: str) -> None:
-        if len(writer.shards) > self._known_shards:
-            self._finished(writer.shards[-1]["name"], options_hash)
-
-    def _finished(self, shard: str, options_hash: str) -> None:
-        # From written() (before the new sample is pending) or closed(): every pending sample
-        # is in the shard just finished.
-        self._known_shards += 1
-        done, self._pending = self._pending, []
-        self._append([{"shard": shard, "options_hash": options_hash, "samples": done}])
-
-    def _append(self, rows: list[dict[str, Any]]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
-        self.rows += rows
-        self.keys.update(s["key"] for r in rows for s in r["samples"])
-
-
-def _ledger_sample(key: str, meta: dict[str, Any], status: str) -> dict[str, Any]:
-    return {"key": key, "num_frames": meta["num_frames"], "height": meta["height"], "width": meta["width"],
-            "duration": float(meta.get("duration") or 0.0), "status": status}
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a half-written last line from a killed run
-    return rows
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    out: list[str] = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}={a!r} there, {b!r} here")
-    return out
-
-
-def _prepare_out(out: Path, inputs: list[Path], written: dict[str, Any], options_hash: str) -> tuple[_Ledger, int]:
-    """Check --out, load the ledger, clean up after a killed run; -> (ledger, next shard index)."""
-    if out.exists() and not out.is_dir():
-        raise RecaptionFailed(f"--out {display_path(out)} is a file, not a directory")
-    for src in inputs:
-        if out.resolve() == src.resolve():
-            raise SoraError(f"--out {display_path(out)} is the input shard set; write the recaptioned set to a new directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RecaptionFailed(f"cannot create --out {display_path(out)}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise RecaptionFailed(f"--out {display_path(out)} is not writable")
-    ledger = _Ledger(out)
-    shards = sorted(out.glob(f"{SHARD_PREFIX}-*.tar"))
-    if not ledger.path.exists() and (shards or (out / INDEX_NAME).exists()):
-        raise SoraError(
-            f"--out {display_path(out)} holds a shard set not written by sora-data recaption (no {LEDGER_NAME}); "
-            "use an empty or new directory"
-        )
-    theirs = {r.get("options_hash") for r in ledger.rows} - {options_hash}
-    if theirs:
-        old = {}
-        if (out / INDEX_NAME).is_file():
-            old = json.loads((out / INDEX_NAME).read_text(encoding="utf-8")).get("options", {})
-        diff = ", ".join(_diff(old, written)) or "options hash " + ", ".join(sorted(map(str, theirs)))
-        raise SoraError(
-            f"--out {display_path(out)} was recaptioned with other options or another re-writer ({diff}); "
-            "use the same ones or a new --out"
-        )
-    for tmp in out.glob(f".{SHARD_PREFIX}-*.tar.tmp"):  # the shard being written when a run was killed
-        tmp.unlink()
-    if shards:  # only the newest shard can be finished without its ledger row
-        adopted = ledger.adopt(shards[-1], options_hash)
-        if adopted:
-            log.warning("%s: recorded %d samples that a killed run had not", shards[-1].name, adopted)
-    return ledger, (int(shards[-1].stem.rsplit("-", 1)[1]) + 1 if shards else 0)
+def _ledger_entry(key: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """A sample found in a shard the ledger lacks (a killed run): its rewrite status from its json."""
+    status = ((meta.get("captions_meta") or {}).get(CAPTION_SOURCE) or {}).get("status", "fallback")
+    return {**sample_entry(key, meta), "status": status}
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -402,18 +284,16 @@ def recaption(
     in_indexes = [read_index(d) for d in in_dirs]  # SoraError when one is not a shard set
     identity = rewriter.identity()
     opts_hash = options.options_hash(identity)
-    ledger, start_index = _prepare_out(out, in_dirs, options.written(identity), opts_hash)
+    spec = ShardSetSpec(tool=TOOL, label=f"--out {display_path(out)}", verb="recaptioned", options=options.written(identity),
+                        options_hash=opts_hash, reject_field="key", failure=RecaptionFailed, sources=tuple(in_dirs))
+    shard_set = ShardSetWriter(out, spec, partial(ShardLedger, describe=_ledger_entry),
+                               max_count=options.shard_max_count, max_bytes=options.shard_max_bytes)
     total = sum(int(ix.get("num_samples") or 0) for ix in in_indexes)
-    n_old_rejects = len(_read_jsonl(out / REJECTS_NAME))
-    old_runs = _read_runs(out)
-
     run: dict[str, Any] = {"inputs": [display_path(d) for d in in_dirs], "written": 0, "skipped": 0,
                            "rejected": Counter(), "status": Counter({s: 0 for s in STATUSES}), "fallback_reasons": Counter(),
                            "requests_fell_back": 0, "requests": 0}
-    writer = ShardWriter(out, prefix=SHARD_PREFIX, max_count=options.shard_max_count, max_bytes=options.shard_max_bytes,
-                         tool=TOOL, options=options.written(identity), start_index=start_index)
     pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="recaption-frames") if options.visual else None
-    done = frozenset(ledger.keys)  # written by earlier runs
+    done = shard_set.done  # written by earlier runs
     seen_keys: set[str] = set()  # met in this run
     stopped: str | None = None
 
@@ -444,14 +324,13 @@ def recaption(
                 error = rewriter._redact(error or "unknown")  # backends scrub their errors; this is belt and braces
                 run["fallback_reasons"][_fallback_reason(error)] += 1
             meta = _new_meta(it, status, error, text, identity, options)
-            writer.write(it.key, it.members, meta)
-            ledger.written(_ledger_sample(it.key, meta, status), writer, opts_hash)
+            shard_set.write(it.key, it.members, meta, status=status)
             run["status"][status] += 1
             run["written"] += 1
             advance(_describe(run))
 
     try:
-        with progress("recaption", total) as advance:
+        with shard_set, progress("recaption", total) as advance:
             chunk: list[_Item] = []
             for shard_name, sample in _input_samples(in_dirs):
                 key = sample["__key__"]
@@ -464,7 +343,7 @@ def recaption(
                 item = _to_item(sample, options.source_caption) if key not in seen_keys else ("duplicate_key", "an earlier sample had this key")
                 seen_keys.add(key)
                 if isinstance(item, tuple):
-                    writer.reject(f"{shard_name}:{key}", item[0], item[1], key=key)
+                    shard_set.reject(f"{shard_name}:{key}", item[0], item[1], key=key)
                     run["rejected"][item[0]] += 1
                     advance()
                     continue
@@ -476,22 +355,26 @@ def recaption(
                         break
             if chunk and not stopped:
                 flush(chunk, advance)
-    except BaseException as e:  # Ctrl-C, or a bug: keep finished shards, drop the partial one, write no index
-        writer.__exit__(type(e), e, e.__traceback__)
-        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
-    writer.close()
-    ledger.closed(writer, opts_hash)
-    _rewrite_rejects(out, n_old_rejects, seen_keys)
     run["rejected"] = dict(run["rejected"].most_common())
     run["status"] = dict(run["status"])
     run["fallback_reasons"] = dict(run["fallback_reasons"].most_common())
     run["stopped"] = stopped
     run["rewriter_config"] = rewriter.config()
     run["wall_seconds"] = round(time.monotonic() - t0, 3)
-    index = _write_index(out, ledger, options, identity, rewriter, rewriter_name, in_dirs, in_indexes, old_runs + [run])
+    statuses = Counter({s: 0 for s in STATUSES})
+    statuses.update(entry["status"] for _, entry in shard_set.ledger.entries())
+    index = shard_set.close(
+        run, seen_keys,
+        recaption_format=RECAPTION_FORMAT,
+        # config() names the env var holding a key (api_key_env), never the key itself.
+        rewriter={"name": rewriter_name, "identity": identity, "config": rewriter.config()},
+        inputs=[{"path": display_path(d), "tool": ix.get("tool"), "num_samples": ix.get("num_samples"),
+                 "created": ix.get("created"), "options_hash": ix.get("options_hash")} for d, ix in zip(in_dirs, in_indexes)],
+        rewrite_status=dict(statuses),
+    )
     if not quiet:
         print_summary(index, run, out)
     if stopped:
@@ -520,72 +403,6 @@ def _attach_frames(chunk: list[_Item], pool: ThreadPoolExecutor, opts: Recaption
             it.status, it.error = "fallback", f"frames: {type(e).__name__}: {short(e, 120)}"
 
     list(pool.map(one, chunk))
-
-
-def _read_runs(out: Path) -> list[dict[str, Any]]:
-    try:
-        return list(json.loads((out / INDEX_NAME).read_text(encoding="utf-8")).get("runs", []))
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return []
-
-
-def _rewrite_rejects(out: Path, n_old: int, reevaluated: set[str]) -> None:
-    """Old reject rows of samples looked at again this run are replaced by this run's rows."""
-    rows = _read_jsonl(out / REJECTS_NAME)
-    keep = [r for r in rows[:n_old] if r.get("key") not in reevaluated] + rows[n_old:]
-    if len(keep) != len(rows):
-        atomic_write_text(out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
-
-
-def _write_index(
-    out: Path,
-    ledger: _Ledger,
-    opts: RecaptionOptions,
-    identity: dict[str, Any],
-    rewriter: Rewriter,
-    rewriter_name: str | None,
-    in_dirs: list[Path],
-    in_indexes: list[dict[str, Any]],
-    runs: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """index.json over every shard of the set (all runs), from the ledger."""
-    counts: Counter[str] = Counter()
-    shapes: Counter[str] = Counter()
-    statuses: Counter[str] = Counter({s: 0 for s in STATUSES})
-    seconds = 0.0
-    for r in ledger.rows:
-        for s in r["samples"]:
-            counts[r["shard"]] += 1
-            shapes[shape_key(s["num_frames"], s["height"], s["width"])] += 1
-            statuses[s["status"]] += 1
-            seconds += s["duration"]
-    rejects = _read_jsonl(out / REJECTS_NAME)
-    index = {
-        "format": "sora_train.shards/1",
-        "tool": TOOL,
-        "tool_version": __version__,
-        "recaption_format": RECAPTION_FORMAT,
-        "options": opts.written(identity),
-        "options_hash": opts.options_hash(identity),
-        # config() names the env var holding a key (api_key_env), never the key itself.
-        "rewriter": {"name": rewriter_name, "identity": identity, "config": rewriter.config()},
-        "inputs": [
-            {"path": display_path(d), "tool": ix.get("tool"), "num_samples": ix.get("num_samples"),
-             "created": ix.get("created"), "options_hash": ix.get("options_hash")}
-            for d, ix in zip(in_dirs, in_indexes)
-        ],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "num_samples": sum(counts.values()),
-        "num_rejects": len(rejects),
-        "rejects_by_reason": dict(Counter(r.get("reason") for r in rejects).most_common()),
-        "rewrite_status": dict(statuses),
-        "hours": round(seconds / 3600.0, 6),
-        "shape_histogram": dict(sorted(shapes.items())),
-        "shards": [{"name": n, "count": counts[n], "bytes": (out / n).stat().st_size} for n in sorted(counts)],
-        "runs": runs,
-    }
-    atomic_write_json(out / INDEX_NAME, index)
-    return index
 
 
 def print_summary(index: dict[str, Any], run: dict[str, Any], out: Path) -> None:
