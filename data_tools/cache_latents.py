@@ -16,16 +16,15 @@ the export's text encoder and stored unpadded, so the loader's caption choice st
 index.json records `vae_hash` / `text_hash` (`sora_train.data.latents.module_fingerprint`);
 the latent loader refuses the set when the run's VAE differs.
 
-Re-running into the same --out resumes: keys already in finished shards are skipped, new
-samples go into shards numbered after them, and index.json is rebuilt over all of them.
---out must have been written with the same VAE, text encoder and written options
+Re-running into the same --out resumes (`sora_train.data.shardset`): keys in ``done.jsonl``
+are skipped, new samples go into shards numbered after them, and index.json is rebuilt over
+all of them. --out must have been written with the same VAE, text encoder and written options
 (`cache-latents.json` records them before the first shard).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections import Counter
@@ -36,9 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sora_train import __version__
 from sora_train.data.buckets import Bucket, BucketTable
-from sora_train.data.dataset import ShardVideoDataset, _Pending, expand_shards, iter_tar_samples
+from sora_train.data.dataset import ShardVideoDataset, SkipSample, expand_shards
 from sora_train.data.latents import (
     LATENT_FORMAT,
     TEXT_MEMBER,
@@ -47,17 +45,17 @@ from sora_train.data.latents import (
     text_fingerprint,
     vae_fingerprint,
 )
-from sora_train.data.shards import INDEX_NAME, REJECTS_NAME, ShardWriter, iter_samples, read_index, shape_key
+from sora_train.data.shards import REJECTS_NAME, iter_tar_samples, read_index, shape_key
+from sora_train.data.shardset import ShardSetSpec, ShardSetWriter
 from sora_train.data.transforms import frame_indices
-from sora_train.data.video_io import DECODERS, IMAGE_EXTS, VIDEO_EXTS
-from sora_train.utils import atomic_write_json, get_logger
+from sora_train.data.video_io import DECODERS, IMAGE_EXTS
+from sora_train.utils import get_logger, stable_hash
 from sora_train.utils.errors import SoraError
 
 log = get_logger(__name__)
 
 TOOL = "sora-data cache-latents"
 RUN_FILE = "cache-latents.json"
-SHARD_PREFIX = "shard"
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 FORMATS = {"safetensors": "latent.safetensors", "npy": "latent.npy"}
 
@@ -133,67 +131,6 @@ def load_part(export_dir: str | os.PathLike, part: str, option: str) -> torch.nn
     return parts[part]
 
 
-# -- the output directory --------------------------------------------------------------------
-def _prepare_out(out: Path, run_info: dict[str, Any]) -> tuple[set[str], int]:
-    """Check --out against this run, clean a killed run's partial shard; -> (done keys, next shard index)."""
-    if out.exists() and not out.is_dir():
-        raise SoraError(f"--out {out} is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    shards = sorted(out.glob(f"{SHARD_PREFIX}-*.tar"))
-    run_file = out / RUN_FILE
-    if run_file.is_file():
-        old = json.loads(run_file.read_text(encoding="utf-8"))
-        diff = [k for k in ("vae_hash", "text_hash", "options") if old.get(k) != run_info[k]]
-        if diff:
-            detail = ", ".join(f"{k} {old.get(k)!r} there, {run_info[k]!r} here" for k in diff)
-            raise SoraError(f"--out {out} was cached with a different {'/'.join(diff)} ({detail}); use the same --vae/--text/options or a new --out")
-    elif shards or (out / INDEX_NAME).exists():
-        raise SoraError(f"--out {out} holds a shard set not written by {TOOL} (no {RUN_FILE}); use an empty or new directory")
-    for tmp in out.glob(f".{SHARD_PREFIX}-*.tar.tmp"):  # the shard being written when a run was killed
-        tmp.unlink()
-    atomic_write_json(run_file, run_info)
-    done: set[str] = set()
-    for shard in shards:
-        done.update(s["__key__"] for s in iter_samples(shard, exts=()))
-    rejects = out / REJECTS_NAME
-    if rejects.exists():  # every rejected key is retried, so its old row would be a duplicate
-        rejects.unlink()
-    return done, (int(shards[-1].stem.rsplit("-", 1)[1]) + 1 if shards else 0)
-
-
-def _rebuild_index(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """index.json over every finished shard of --out (this run's and earlier runs')."""
-    shards, shapes, seconds, total = [], Counter(), 0.0, 0
-    for shard in sorted(out.glob(f"{SHARD_PREFIX}-*.tar")):
-        n = 0
-        for s in iter_samples(shard, exts=()):
-            meta = json.loads(s["json"])
-            shapes[shape_key(meta["num_frames"], meta["height"], meta["width"])] += 1
-            seconds += float(meta.get("duration") or 0.0)
-            n += 1
-        shards.append({"name": shard.name, "count": n, "bytes": shard.stat().st_size})
-        total += n
-    rejects = []
-    if (out / REJECTS_NAME).is_file():
-        rejects = [json.loads(line) for line in (out / REJECTS_NAME).read_text(encoding="utf-8").splitlines() if line.strip()]
-    index = {
-        "format": "sora_train.shards/1",
-        "latent_format": LATENT_FORMAT,
-        "tool": TOOL,
-        "tool_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "num_samples": total,
-        "num_rejects": len(rejects),
-        "rejects_by_reason": dict(Counter(r.get("reason") for r in rejects).most_common()),
-        "hours": round(seconds / 3600.0, 6),
-        "shape_histogram": dict(sorted(shapes.items())),
-        "shards": shards,
-        **extra,
-    }
-    atomic_write_json(out / INDEX_NAME, index)
-    return index
-
-
 # -- the run ---------------------------------------------------------------------------------
 @dataclass
 class _Clip:
@@ -233,8 +170,8 @@ def _captions_of(meta: dict[str, Any]) -> list[str]:
 class _Encoder:
     """Batches decoded clips per bucket, encodes them and writes the samples."""
 
-    def __init__(self, vae, text, opts: CacheOptions, writer: ShardWriter, stats: Counter):
-        self.vae, self.text, self.opts, self.writer, self.stats = vae, text, opts, writer, stats
+    def __init__(self, vae, text, opts: CacheOptions, out: ShardSetWriter, stats: Counter):
+        self.vae, self.text, self.opts, self.out, self.stats = vae, text, opts, out, stats
         self.member = FORMATS[opts.format]
         self.dtype = DTYPES[opts.dtype]
         self.groups: dict[str, list[_Clip]] = {}
@@ -269,7 +206,7 @@ class _Encoder:
         self.encode_seconds += time.perf_counter() - t0
         for i, clip in enumerate(clips):
             if not finite[i]:
-                self.writer.reject(clip.key, "nonfinite_latent", f"the VAE produced NaN/inf for {bucket.name}")
+                self.out.reject(clip.key, "nonfinite_latent", f"the VAE produced NaN/inf for {bucket.name}")
                 self.stats["rejected:nonfinite_latent"] += 1
                 continue
             meta = _out_meta(clip, bucket)
@@ -279,7 +216,7 @@ class _Encoder:
                 caps = _captions_of(clip.meta)
                 meta["text_embeddings"] = {"captions": caps, "dim": self.text_dim, "member": TEXT_MEMBER}
                 media[TEXT_MEMBER] = encode_text_member([embeddings[c] for c in caps])
-            self.writer.write(clip.key, media, meta)
+            self.out.write(clip.key, media, meta)
             self.latent_shapes["x".join(map(str, z.shape[1:]))] += 1
             self.stats["written"] += 1
 
@@ -325,42 +262,45 @@ def cache_latents(
     # The source set's own options (the shapes world: its held-out pairs and world), so a DiT
     # trained on these latents still records what sora-eval shapes needs.
     source_options = source_index.get("options")
-    run_info = {"vae_hash": vae_hash, "text_hash": text_hash, "options": options.written()}
-    done, start_index = _prepare_out(out, run_info)
+    identity = {"vae_hash": vae_hash, "text_hash": text_hash, "options": options.written()}
+    sources = [str(s) for s in ([shards] if isinstance(shards, (str, os.PathLike)) else shards)]
+    spec = ShardSetSpec(tool=TOOL, label=f"--out {out}", verb="cached", options=options.written(),
+                        options_hash=stable_hash({"format": LATENT_FORMAT, **identity}), identity=identity, record_name=RUN_FILE,
+                        sources=tuple(Path(s) for s in sources if os.path.isdir(s)))
+    shard_set = ShardSetWriter(out, spec, max_count=options.shard_max_count)
 
     table = BucketTable([{"num_frames": F, "height": H, "width": W, "batch_size": 1} for F, H, W in options.shapes])
     # The loader's own decode path, in validation mode (centred, deterministic).
     decoder = ShardVideoDataset(urls, table, target_fps=options.target_fps, train=False, decoder=options.decoder)
     stats: Counter[str] = Counter()
-    writer = ShardWriter(out, prefix=SHARD_PREFIX, max_count=options.shard_max_count, tool=TOOL, options=options.written(), start_index=start_index)
-    enc = _Encoder(vae, text, options, writer, stats)
-    try:
-        with progress("cache-latents", total or None) as advance:  # None: unknown (no index.json)
-            for url in urls:
-                for sample in iter_tar_samples(url):
-                    _one(sample, done, table, decoder, enc, writer, stats, options)
-                    advance(f"cache-latents: {stats['written']} written, {stats['skipped']} already cached")
-            enc.flush_all(table)
-    except BaseException as e:  # keep finished shards, drop the partial one, write no index
-        writer.__exit__(type(e), e, e.__traceback__)
-        raise
-    writer.close()
+    looked_at: set[str] = set()  # keys not cached by an earlier run: their old reject rows are replaced
+    enc = _Encoder(vae, text, options, shard_set, stats)
+    with shard_set, progress("cache-latents", total or None) as advance:  # None: unknown (no index.json)
+        for url in urls:
+            for sample in iter_tar_samples(url):
+                if sample["__key__"] in shard_set.done:
+                    stats["skipped"] += 1
+                else:
+                    looked_at.add(sample["__key__"])
+                    _one(sample, decoder, enc, shard_set, stats, options)
+                advance(f"cache-latents: {stats['written']} written, {stats['skipped']} already cached")
+        enc.flush_all(table)
     seconds = time.monotonic() - t0
     vae_cfg = vae.config() if hasattr(vae, "config") else {}
     extra = {
-        "options": options.written(),
+        "latent_format": LATENT_FORMAT,
         "vae_hash": vae_hash,
         "text_hash": text_hash,
         "vae": {"export": str(vae_dir), "target": f"{type(vae).__module__}.{type(vae).__qualname__}", "config": vae_cfg},
         "text": None if text is None else {"export": str(text_dir), "target": f"{type(text).__module__}.{type(text).__qualname__}",
                                            "dim": int(getattr(text, "dim", enc.text_dim or 0)), "trainable": bool(getattr(text, "trainable", False))},
         "latent": {"normalized": True, "dtype": options.dtype, "member": enc.member, "channels": int(getattr(vae, "latent_channels", 0))},
-        "source": [str(s) for s in ([shards] if isinstance(shards, (str, os.PathLike)) else shards)],
+        "source": sources,
         "source_options": source_options,
     }
-    index = _rebuild_index(out, extra)
     run = {k: v for k, v in stats.items()}
     run.update(seconds=round(seconds, 3), encode_seconds=round(enc.encode_seconds, 3), latent_shapes=dict(enc.latent_shapes))
+    index = shard_set.close(run, looked_at, **extra)
     if not quiet:
         print_summary(index, run, out)
     if index["num_samples"] == 0:
@@ -368,35 +308,25 @@ def cache_latents(
     return index
 
 
-def _one(sample: dict[str, Any], done: set[str], table: BucketTable, decoder: ShardVideoDataset, enc: _Encoder,
-         writer: ShardWriter, stats: Counter, opts: CacheOptions) -> None:
-    """Decode one source sample into its bucket's pending batch (or skip/reject it)."""
+def _one(sample: dict[str, Any], decoder: ShardVideoDataset, enc: _Encoder, out: ShardSetWriter, stats: Counter, opts: CacheOptions) -> None:
+    """Decode one source sample into its bucket's pending batch (or reject it)."""
     key = sample["__key__"]
-    if key in done:
-        stats["skipped"] += 1
-        return
 
     def reject(reason: str, detail: str) -> None:
-        writer.reject(key, reason, detail)
+        out.reject(key, reason, detail)
         stats[f"rejected:{reason}"] += 1
 
-    media_ext = next((e for e in VIDEO_EXTS + IMAGE_EXTS if e in sample), None)
-    if media_ext is None or "json" not in sample:
-        return reject("missing_media_or_json", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
     try:
-        meta = json.loads(sample["json"])
-        f, h, w = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
-        fps = float(meta.get("fps") or 0.0)
-    except (ValueError, KeyError, TypeError) as e:
-        return reject("bad_json", str(e))
-    bucket = table.assign(f, h, w, fps, opts.target_fps, want_image=media_ext in IMAGE_EXTS)
-    if bucket is None:
-        return reject("fits_no_bucket", f"{shape_key(f, h, w)} at {fps:g} fps fits none of {[b.name for b in table.buckets]}")
+        item = decoder.pending(sample)
+    except SkipSample as e:
+        return reject(e.reason, e.detail)
+    meta, bucket = item.meta, item.bucket
     try:
-        frames, out_fps = decoder._decode(_Pending(key, meta, media_ext, sample[media_ext], bucket), bucket, np.random.default_rng(0))
+        frames, out_fps = decoder.decode_clip(item, bucket, np.random.default_rng(0))
     except Exception as e:  # a corrupt clip costs that clip
         return reject("decode_error", str(e)[:200])
-    if media_ext in IMAGE_EXTS:
+    f, fps = int(meta["num_frames"]), float(meta.get("fps") or 0.0)
+    if item.media_ext in IMAGE_EXTS:
         indices = None
     elif bucket.is_image:
         indices = [f // 2]

@@ -110,20 +110,24 @@ class VideoDataModule(pl.LightningDataModule):
         if self.prepare is not None:
             self.prepare()
 
+    def check_sets(self) -> None:
+        """Refuse shard sets this run cannot train on, before any loader starts (latent sets:
+        another VAE's); video sets are checked sample by sample as they stream."""
+
+    def make_dataset(self, shards: str | list[str], buckets: BucketTable, train: bool) -> ShardVideoDataset:
+        """The stream of one split (``train``: shuffled, endless; else one ordered pass)."""
+        return ShardVideoDataset(
+            shards, buckets, target_fps=self.target_fps, seed=self.seed, train=train, caption_probs=self.caption_probs,
+            decoder=self.decoder, max_skip_rate=self.max_skip_rate, **({"shuffle_buffer": self.shuffle_buffer} if train else {}),
+        )
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
+            self.check_sets()
             buckets = self.make_buckets()
-            common = dict(
-                buckets=buckets,
-                target_fps=self.target_fps,
-                seed=self.seed,
-                caption_probs=self.caption_probs,
-                decoder=self.decoder,
-                max_skip_rate=self.max_skip_rate,
-            )
-            self.train_set = ShardVideoDataset(self.train_spec, train=True, shuffle_buffer=self.shuffle_buffer, **common)
+            self.train_set = self.make_dataset(self.train_spec, buckets, train=True)
             if self.val_spec is not None:
-                self.val_set = ShardVideoDataset(self.val_spec, train=False, **common)
+                self.val_set = self.make_dataset(self.val_spec, buckets, train=False)
         self.train_set.resume_next_index = dict(self.next_index)
 
     def _loader(self, ds: ShardVideoDataset) -> DataLoader:

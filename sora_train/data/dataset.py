@@ -26,11 +26,8 @@ checkpoint is replayed as if good, so the batch it was in may differ by that one
 from __future__ import annotations
 
 import glob
-import io
 import json
-import math
 import os
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -39,6 +36,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sora_train.data.buckets import Bucket, BucketTable
+from sora_train.data.shards import ALLOWED_EXTS, INDEX_NAME, UnreadableShard, iter_tar_samples, shard_paths
 from sora_train.data.transforms import crop_offsets, frame_indices, resize_for_crop, resize_frames
 from sora_train.data.video_io import DECODERS, IMAGE_EXTS, VIDEO_EXTS, decode_image, decode_video
 from sora_train.utils.errors import SoraError
@@ -46,14 +44,10 @@ from sora_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-ALLOWED_EXTS = frozenset(VIDEO_EXTS + IMAGE_EXTS + ("json", "txt"))
-
 
 def expand_shards(spec: str | list[str]) -> list[str]:
     """Shard list from a directory (with index.json), glob, brace pattern, URL or list of them."""
     import braceexpand
-
-    from sora_train.data.shards import INDEX_NAME, shard_paths
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
@@ -82,51 +76,41 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return out
 
 
-def _open_stream(url: str):
-    if "://" in url or url.startswith("pipe:"):
-        import webdataset as wds
+class SkipSample(Exception):
+    """A sample that cannot be used, with a machine-readable ``reason`` (the loader counts it,
+    cache-latents rejects it) and a ``detail`` for people."""
 
-        return wds.gopen(url, "rb")
-    return open(url, "rb")
-
-
-def iter_tar_samples(url: str, allowed_exts: frozenset[str] = ALLOWED_EXTS) -> Iterator[dict[str, Any]]:
-    """Stream one tar: yields {"__key__", "__url__", ext: bytes} for allowlisted extensions.
-
-    A tar that ends early or is corrupt raises ``tarfile.TarError``/``OSError`` after the
-    samples before the damage were yielded; the caller counts it and moves on.
-    """
-    current: dict[str, Any] | None = None
-    with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            dirname, base = os.path.split(member.name)
-            stem, _, ext = base.partition(".")
-            key = f"{dirname}/{stem}" if dirname else stem
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            ext = ext.lower()
-            if ext in allowed_exts:
-                f = tar.extractfile(member)
-                current[ext] = f.read() if f is not None else b""
-    if current is not None:
-        yield current
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
 
 
 @dataclass
-class _Pending:
+class PendingSample:
+    """A sample assigned to a bucket and not decoded yet (its bytes, as read from the tar)."""
+
     key: str
     meta: dict[str, Any]
-    media_ext: str
-    media: bytes
+    media_ext: str  # the member to decode
+    media: Any  # its bytes (latent sets: every tensor member by name)
     bucket: Bucket
 
 
 @dataclass
-class _WorkerState:
+class LoadedSample:
+    """One decoded sample of a batch, ready to stack."""
+
+    key: str
+    data: torch.Tensor  # video (F, H, W, 3) uint8; latent (C, f, h, w) float32
+    caption: str
+    fps: float
+    text: torch.Tensor | None = None  # the caption's cached (L, D) embedding (latent sets)
+
+
+@dataclass
+class WorkerState:
+    """Where one DataLoader worker of one rank stands: its place in the split, and its counts."""
+
     rank: int = 0
     world: int = 1
     worker: int = 0
@@ -209,7 +193,7 @@ class ShardVideoDataset(IterableDataset):
         self.resume_next_index: dict[int, int] = {}
 
     # -- sample stream -------------------------------------------------------------------------
-    def _consumer(self) -> _WorkerState:
+    def _consumer(self) -> WorkerState:
         rank, world = _dist_info()
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -218,9 +202,9 @@ class ShardVideoDataset(IterableDataset):
             # (the smallest undelivered index) belongs to worker k % n: DataLoader worker i
             # plays worker (i + k) % n, so batches still come out in order.
             w = (w + min(self.resume_next_index.values())) % n
-        return _WorkerState(rank=rank, world=world, worker=w, num_workers=n)
+        return WorkerState(rank=rank, world=world, worker=w, num_workers=n)
 
-    def _epoch_samples(self, st: _WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
+    def _epoch_samples(self, st: WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
         consumers = st.world * st.num_workers
         me = st.rank * st.num_workers + st.worker
         urls = list(self.urls)
@@ -237,11 +221,11 @@ class ShardVideoDataset(IterableDataset):
                         if (counter - 1) % consumers != me:
                             continue
                     yield sample
-            except (tarfile.TarError, OSError, EOFError) as e:
+            except UnreadableShard as e:
                 self._count_skip(st, "unreadable_shard")
-                log.warning("skipping the rest of shard %s: %s", url, e)
+                log.warning("skipping the rest of it: %s", e)
 
-    def _shuffled(self, st: _WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
+    def _shuffled(self, st: WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
         if not self.train:
             yield from self._epoch_samples(st, epoch)
             return
@@ -257,7 +241,7 @@ class ShardVideoDataset(IterableDataset):
         rng.shuffle(buf)  # type: ignore[arg-type]
         yield from buf
 
-    def _count_skip(self, st: _WorkerState, reason: str) -> None:
+    def _count_skip(self, st: WorkerState, reason: str) -> None:
         st.skipped += 1
         st.skip_reasons[reason] = st.skip_reasons.get(reason, 0) + 1
         total = st.seen + st.skipped
@@ -267,24 +251,30 @@ class ShardVideoDataset(IterableDataset):
                 f"more than data.max_skip_rate={self.max_skip_rate}. Check the shards with `sora-data probe`."
             )
 
-    def _to_pending(self, st: _WorkerState, sample: dict[str, Any], want_image: bool = False) -> _Pending | None:
-        key = sample["__key__"]
+    def pending(self, sample: dict[str, Any]) -> PendingSample:
+        """A raw sample assigned to its bucket, from its json alone; raises :class:`SkipSample`."""
         media_ext = next((e for e in VIDEO_EXTS + IMAGE_EXTS if e in sample), None)
         if media_ext is None or "json" not in sample:
-            self._count_skip(st, "missing_media_or_json")
-            return None
+            raise SkipSample("missing_media_or_json", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
         try:
             meta = json.loads(sample["json"])
             f, h, w = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
             fps = float(meta.get("fps") or 0.0)
-        except (ValueError, KeyError, TypeError):
-            self._count_skip(st, "bad_json")
-            return None
-        bucket = self.buckets.assign(f, h, w, fps, self.target_fps, want_image=want_image)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SkipSample("bad_json", str(e)) from None
+        # an image member can only feed an image bucket, whatever its json claims
+        bucket = self.buckets.assign(f, h, w, fps, self.target_fps, want_image=media_ext in IMAGE_EXTS)
         if bucket is None:
-            self._count_skip(st, "fits_no_bucket")
+            names = [b.name for b in self.buckets.buckets]
+            raise SkipSample("fits_no_bucket", f"{f}x{h}x{w} at {fps:g} fps fits none of {names}")
+        return PendingSample(sample["__key__"], meta, media_ext, sample[media_ext], bucket)
+
+    def _to_pending(self, st: WorkerState, sample: dict[str, Any]) -> PendingSample | None:
+        try:
+            return self.pending(sample)
+        except SkipSample as e:
+            self._count_skip(st, e.reason)
             return None
-        return _Pending(key, meta, media_ext, sample[media_ext], bucket)
 
     # -- batches -------------------------------------------------------------------------------
     def _choose_caption(self, meta: dict[str, Any], rng: np.random.Generator) -> str:
@@ -296,8 +286,9 @@ class ShardVideoDataset(IterableDataset):
                 return caps[options[int(rng.choice(len(options), p=p / p.sum()))][0]]
         return str(meta.get("caption") or "")
 
-    def _decode(self, item: _Pending, bucket: Bucket, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-        """-> frames (F, H, W, 3) uint8 at the bucket's shape, effective fps."""
+    def decode_clip(self, item: PendingSample, bucket: Bucket, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """-> frames (F, H, W, 3) uint8 at the bucket's shape, effective fps (validation sets:
+        centred and deterministic, what cache-latents encodes)."""
         meta = item.meta
         f, h, w = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
         fps = float(meta.get("fps") or 0.0)
@@ -324,31 +315,35 @@ class ShardVideoDataset(IterableDataset):
         top, left = crop_offsets(frames.shape[1], frames.shape[2], bucket.height, bucket.width, rng if self.train else None)
         return frames[:, top : top + bucket.height, left : left + bucket.width], out_fps
 
-    def _emit(self, st: _WorkerState, index: int, bucket: Bucket, items: list[_Pending]) -> dict[str, Any] | None:
-        videos, captions, fpss, keys = [], [], [], []
+    def load_sample(self, item: PendingSample, bucket: Bucket, rng: np.random.Generator, batch: list[LoadedSample]) -> LoadedSample:
+        """Decode one sample of a batch (``batch``: those before it); raises on a corrupt one."""
+        frames, fps = self.decode_clip(item, bucket, rng)
+        # (F, H, W, 3) uint8, a strided crop view
+        return LoadedSample(item.key, torch.from_numpy(frames), self._choose_caption(item.meta, rng), fps)
+
+    def collate(self, batch: list[LoadedSample]) -> dict[str, Any]:
+        """The tensors of a batch. Video stays uint8, channels last as decoded: one plain copy
+        here; VideoDataModule makes it float (B, 3, F, H, W) in [-1, 1] on the device."""
+        return {"video": _stack_for_queue([s.data for s in batch])}  # (B, F, H, W, 3) uint8
+
+    def _emit(self, st: WorkerState, index: int, bucket: Bucket, items: list[PendingSample]) -> dict[str, Any] | None:
+        batch: list[LoadedSample] = []
         for i, item in enumerate(items):
             rng = np.random.default_rng([self.seed, index, i, 0xDEC0])
             try:
-                frames, fps = self._decode(item, bucket, rng)
+                batch.append(self.load_sample(item, bucket, rng, batch))
             except Exception as e:  # a corrupt sample must not kill the run: count it, go on
                 self._count_skip(st, "decode_error")
                 log.warning("skipping sample %s: %s", item.key, e)
                 continue
             st.seen += 1
-            videos.append(torch.from_numpy(frames))  # (F, H, W, 3) uint8, a strided crop view
-            captions.append(self._choose_caption(item.meta, rng))
-            fpss.append(fps)
-            keys.append(item.key)
-        if not videos:
+        if not batch:
             return None
-        # uint8, channels last as decoded: one plain copy here; VideoDataModule makes it
-        # float (B, 3, F, H, W) in [-1, 1] on the device.
-        video = _stack_for_queue(videos)  # (B, F, H, W, 3) uint8
         return {
-            "video": video,
-            "caption": captions,
-            "fps": torch.tensor(fpss, dtype=torch.float32),
-            "key": keys,
+            **self.collate(batch),
+            "caption": [s.caption for s in batch],
+            "fps": torch.tensor([s.fps for s in batch], dtype=torch.float32),
+            "key": [s.key for s in batch],
             "bucket": bucket.name,
             "batch_index": index,
             "worker": st.worker,
@@ -361,8 +356,8 @@ class ShardVideoDataset(IterableDataset):
         if not self.train:
             yield from self._iter_eval(st)
             return
-        pools: dict[str, list[_Pending]] = {b.name: [] for b in self.buckets.buckets}
-        video_pool_for_images: list[_Pending] = []
+        pools: dict[str, list[PendingSample]] = {b.name: [] for b in self.buckets.buckets}
+        video_pool_for_images: list[PendingSample] = []
         stream = self._forever(st)
         index = st.worker  # global batch indices of this worker: worker, worker + N, ...
         start = self.resume_next_index.get(st.worker, st.worker)
@@ -374,7 +369,7 @@ class ShardVideoDataset(IterableDataset):
                     # any video can feed an image bucket with one of its frames
                     v = video_pool_for_images.pop(0)
                     pools[v.bucket.name].remove(v)
-                    pool.append(_Pending(v.key, v.meta, v.media_ext, v.media, bucket))
+                    pool.append(PendingSample(v.key, v.meta, v.media_ext, v.media, bucket))
                     continue
                 item = self._to_pending(st, next(stream))
                 if item is None:
@@ -397,7 +392,7 @@ class ShardVideoDataset(IterableDataset):
                     yield batch
             index += st.num_workers
 
-    def _forever(self, st: _WorkerState) -> Iterator[dict[str, Any]]:
+    def _forever(self, st: WorkerState) -> Iterator[dict[str, Any]]:
         for epoch in range(1_000_000):  # bounded: a run ends by max_steps long before this
             empty = True
             for sample in self._shuffled(st, epoch):
@@ -406,8 +401,8 @@ class ShardVideoDataset(IterableDataset):
             if empty:
                 raise SoraError(f"no samples for rank {st.rank} worker {st.worker} in shards {self.urls[:3]}...")
 
-    def _iter_eval(self, st: _WorkerState) -> Iterator[dict[str, Any]]:
-        pools: dict[str, list[_Pending]] = {}
+    def _iter_eval(self, st: WorkerState) -> Iterator[dict[str, Any]]:
+        pools: dict[str, list[PendingSample]] = {}
         index = st.worker
         for sample in self._shuffled(st, 0):
             item = self._to_pending(st, sample)

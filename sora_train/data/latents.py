@@ -14,10 +14,9 @@ shift/scale applied): what `DiTModule.encode_video` consumes as-is. The statisti
 the VAE's fingerprint (they are buffers and config fields), so normalised latents can never be
 paired with other statistics. Decoding a cached latent is `vae.decode(vae.denormalize(z))`.
 
-index.json records `vae_hash` and `text_hash`: :func:`module_fingerprint` of the part that
-made them, i.e. sha256 over the class, its constructor config (keys naming a local path
-dropped: moving a model folder does not change the model) and every state_dict tensor (name,
-dtype, shape, bytes) in name order. It depends only on the module, never on which export
+index.json records `vae_hash` and `text_hash`: the fingerprint of the part that made them
+(`sora_train.utils.exports`: sha256 over the class, its constructor config without local
+paths, and every state_dict tensor). It depends only on the module, never on which export
 file held it, so the VAE of a VAE run's export and the copy inside a DiT run's export agree;
 :func:`export_fingerprint` computes the same value from an export directory without building
 the model. `LatentDataModule` refuses latent shards whose `vae_hash` is not the run's VAE.
@@ -31,12 +30,10 @@ latent frame 0 is exactly the image latent of pixel frame 0.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,9 +41,10 @@ from torch import Tensor, nn
 
 from sora_train.data.buckets import Bucket, BucketTable
 from sora_train.data.datamodule import VideoDataModule
-from sora_train.data.dataset import ShardVideoDataset, _Pending, _WorkerState, expand_shards
-from sora_train.data.shards import INDEX_NAME, read_index
+from sora_train.data.dataset import LoadedSample, PendingSample, ShardVideoDataset, SkipSample, expand_shards
+from sora_train.data.shards import INDEX_NAME, read_index, shape_key
 from sora_train.utils.errors import SoraError
+from sora_train.utils.exports import export_fingerprint, module_fingerprint
 from sora_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -55,36 +53,9 @@ LATENT_FORMAT = "sora_train.latents/1"
 LATENT_MEMBERS = ("latent.safetensors", "latent.npy")
 TEXT_MEMBER = "text.safetensors"
 LATENT_KEY = "latent"  # tensor name inside latent.safetensors
-# Where an export keeps its parts (mirrors sora_train/models/export.py, which data may not
-# import; tests check that export_fingerprint(export) == module_fingerprint(module)).
-_EXPORT_CONFIG, _EXPORT_WEIGHTS = "model.json", "model.safetensors"
 
 
 # -- fingerprints ------------------------------------------------------------------------------
-def _identity_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without keys that say where files live (path, tokenizer_path, ...) or
-    whether the part trains (``trainable``): neither changes what it computes."""
-    return {k: v for k, v in config.items() if not str(k).endswith("path") and k != "trainable"}
-
-
-def _fingerprint(target: str, config: dict[str, Any], tensors: Iterable[tuple[str, Tensor]]) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"target": target, "config": _identity_config(config)}, sort_keys=True, default=str).encode("utf-8"))
-    for name, t in sorted(tensors, key=lambda kv: kv[0]):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode("utf-8"))
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype (bf16 too)
-    return h.hexdigest()
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """sha256 of a model part: class + config() (paths dropped) + state_dict bytes (see module doc)."""
-    if not hasattr(module, "config"):
-        raise SoraError(f"{type(module).__name__}: has no config() to fingerprint")
-    cls = type(module)
-    return _fingerprint(f"{cls.__module__}.{cls.__qualname__}", module.config(), module.state_dict().items())
-
-
 def vae_fingerprint(vae: nn.Module) -> str:
     """The `vae_hash` of latents made by ``vae`` (its latent shift/scale included)."""
     return module_fingerprint(vae)
@@ -93,25 +64,6 @@ def vae_fingerprint(vae: nn.Module) -> str:
 def text_fingerprint(encoder: nn.Module) -> str:
     """The `text_hash` of text embeddings made by ``encoder``."""
     return module_fingerprint(encoder)
-
-
-def export_fingerprint(export_dir: str | os.PathLike, part: str = "vae") -> str:
-    """`module_fingerprint` of ``part`` of an export directory, read without building the model."""
-    from safetensors import safe_open
-
-    d = Path(export_dir)
-    if not (d / _EXPORT_CONFIG).is_file() or not (d / _EXPORT_WEIGHTS).is_file():
-        raise SoraError(f"{d}: not a sora_train export (needs {_EXPORT_CONFIG} and {_EXPORT_WEIGHTS})")
-    try:
-        spec = json.loads((d / _EXPORT_CONFIG).read_text(encoding="utf-8"))["parts"][part]
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise SoraError(f"{d / _EXPORT_CONFIG}: the export holds no {part!r} part") from None
-    prefix = f"{part}."
-    with safe_open(str(d / _EXPORT_WEIGHTS), framework="pt") as f:
-        names = [k for k in f.keys() if k.startswith(prefix)]
-        if not names:
-            raise SoraError(f"{d / _EXPORT_WEIGHTS}: no tensors for part {part!r} (exported config-only), so it cannot be fingerprinted")
-        return _fingerprint(spec["target"], spec["config"], ((k[len(prefix):], f.get_tensor(k)) for k in names))
 
 
 # -- members -----------------------------------------------------------------------------------
@@ -210,74 +162,50 @@ class LatentShardDataset(ShardVideoDataset):
         self.text_pad_to = text_pad_to
         self._by_shape = {b.name: b for b in buckets.buckets}
 
-    def _to_pending(self, st: _WorkerState, sample: dict[str, Any], want_image: bool = False) -> _Pending | None:
+    def pending(self, sample: dict[str, Any]) -> PendingSample:
         member = next((m for m in LATENT_MEMBERS if m in sample), None)
         if member is None or "json" not in sample:
-            self._count_skip(st, "missing_latent_or_json")
-            return None
+            raise SkipSample("missing_latent_or_json", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
         try:
             meta = json.loads(sample["json"])
-            name = f"{int(meta['num_frames'])}x{int(meta['height'])}x{int(meta['width'])}"
-        except (ValueError, KeyError, TypeError):
-            self._count_skip(st, "bad_json")
-            return None
+            name = shape_key(int(meta["num_frames"]), int(meta["height"]), int(meta["width"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SkipSample("bad_json", str(e)) from None
         bucket = self._by_shape.get(name)
         if bucket is None:
-            self._count_skip(st, "fits_no_bucket")
-            return None
-        # _Pending.media carries the tensor members of the sample (latent, and text if any)
+            raise SkipSample("fits_no_bucket", f"{name} is none of {sorted(self._by_shape)}")
+        # media carries the tensor members of the sample (latent, and text if any)
         media = {m: sample[m] for m in (member, TEXT_MEMBER) if m in sample}
-        return _Pending(sample["__key__"], meta, member, media, bucket)  # type: ignore[arg-type]
+        return PendingSample(sample["__key__"], meta, member, media, bucket)
 
-    def _text_for(self, item: _Pending, caption: str) -> tuple[str, Tensor | None]:
+    def _text_for(self, item: PendingSample, caption: str) -> tuple[str, Tensor | None]:
         """(caption, its cached (L, D) embedding); the primary caption when the chosen one has none."""
         info = item.meta.get("text_embeddings") or {}
         cached = list(info.get("captions") or [])
-        if not self.load_text or TEXT_MEMBER not in item.media or not cached:  # type: ignore[operator]
+        if not self.load_text or TEXT_MEMBER not in item.media or not cached:
             return caption, None
         if caption not in cached:
             caption = str(item.meta.get("caption") or "")
-        tensors = decode_text_member(item.media[TEXT_MEMBER])  # type: ignore[index]
+        tensors = decode_text_member(item.media[TEXT_MEMBER])
         return caption, tensors[str(cached.index(caption))]
 
-    def _emit(self, st: _WorkerState, index: int, bucket: Bucket, items: list[_Pending]) -> dict[str, Any] | None:
-        latents, texts, captions, fpss, keys = [], [], [], [], []
-        for i, item in enumerate(items):
-            rng = np.random.default_rng([self.seed, index, i, 0xDEC0])
-            try:
-                z = decode_latent(item.media[item.media_ext], item.media_ext)  # type: ignore[index]  (C, f, h, w)
-                if bucket.is_image and (int(item.meta["height"]), int(item.meta["width"])) != (bucket.height, bucket.width):
-                    raise ValueError(f"a {item.meta['height']}x{item.meta['width']} latent cannot feed image bucket {bucket.name}")
-                z = z[:, :1] if bucket.is_image else z  # (C, 1, h, w): causal, so frame 0 is the image latent
-                if latents and z.shape != latents[0].shape:
-                    raise ValueError(f"latent shape {tuple(z.shape)} differs from the batch's {tuple(latents[0].shape)}")
-                caption, emb = self._text_for(item, self._choose_caption(item.meta, rng))
-            except Exception as e:  # a corrupt sample must not kill the run: count it, go on
-                self._count_skip(st, "decode_error")
-                log.warning("skipping latent sample %s: %s", item.key, e)
-                continue
-            st.seen += 1
-            latents.append(z)
-            texts.append(emb)
-            captions.append(caption)
-            fpss.append(0.0 if bucket.is_image else float(item.meta.get("fps") or 0.0))
-            keys.append(item.key)
-        if not latents:
-            return None
-        batch: dict[str, Any] = {
-            "latent": torch.stack(latents),  # (B, C, f, h, w)
-            "caption": captions,
-            "fps": torch.tensor(fpss, dtype=torch.float32),
-            "key": keys,
-            "bucket": bucket.name,
-            "batch_index": index,
-            "worker": st.worker,
-            "skipped": st.skipped,
-            "seen": st.seen,
-        }
+    def load_sample(self, item: PendingSample, bucket: Bucket, rng: np.random.Generator, batch: list[LoadedSample]) -> LoadedSample:
+        z = decode_latent(item.media[item.media_ext], item.media_ext)  # (C, f, h, w)
+        if bucket.is_image and (int(item.meta["height"]), int(item.meta["width"])) != (bucket.height, bucket.width):
+            raise ValueError(f"a {item.meta['height']}x{item.meta['width']} latent cannot feed image bucket {bucket.name}")
+        z = z[:, :1] if bucket.is_image else z  # (C, 1, h, w): causal, so frame 0 is the image latent
+        if batch and z.shape != batch[0].data.shape:
+            raise ValueError(f"latent shape {tuple(z.shape)} differs from the batch's {tuple(batch[0].data.shape)}")
+        caption, emb = self._text_for(item, self._choose_caption(item.meta, rng))
+        fps = 0.0 if bucket.is_image else float(item.meta.get("fps") or 0.0)
+        return LoadedSample(item.key, z, caption, fps, emb)
+
+    def collate(self, batch: list[LoadedSample]) -> dict[str, Any]:
+        out: dict[str, Any] = {"latent": torch.stack([s.data for s in batch])}  # (B, C, f, h, w)
+        texts = [s.text for s in batch]
         if all(t is not None for t in texts):
-            batch["text_emb"], batch["text_mask"] = pad_text(texts, self.text_pad_to)  # (B, L, D), (B, L)
-        return batch
+            out["text_emb"], out["text_mask"] = pad_text(texts, self.text_pad_to)  # type: ignore[arg-type]  (B, L, D), (B, L)
+        return out
 
 
 # -- the DataModule ----------------------------------------------------------------------------
@@ -420,15 +348,11 @@ class LatentDataModule(VideoDataModule):
             for d in dirs:
                 check_latent_set(d, expected, source, self.expected_text_hash)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.check_sets()
-            common = dict(buckets=self.make_buckets(), seed=self.seed, caption_probs=self.caption_probs, max_skip_rate=self.max_skip_rate,
-                          load_text=self.load_text, text_pad_to=self.text_pad_to)
-            self.train_set = LatentShardDataset(self.train_spec, train=True, shuffle_buffer=self.shuffle_buffer, **common)
-            if self.val_spec is not None:
-                self.val_set = LatentShardDataset(self.val_spec, train=False, **common)
-        self.train_set.resume_next_index = dict(self.next_index)
+    def make_dataset(self, shards: str | list[str], buckets: BucketTable, train: bool) -> LatentShardDataset:
+        return LatentShardDataset(
+            shards, buckets, seed=self.seed, train=train, caption_probs=self.caption_probs, max_skip_rate=self.max_skip_rate,
+            load_text=self.load_text, text_pad_to=self.text_pad_to, **({"shuffle_buffer": self.shuffle_buffer} if train else {}),
+        )
 
 
 __all__ = [
