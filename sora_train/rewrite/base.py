@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sora_train.utils.errors import SoraError
+from sora_train.utils.kwargs import constructor_kwargs
 from sora_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -317,20 +318,10 @@ class Rewriter:
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor kwargs (recorded in a shard set's index.json)."""
-        return {
-            **self._backend_config(),
-            "system_prompt": self._system_prompt_template,
-            "examples": self.examples if self._examples_given else None,
-            "min_words": self.min_words,
-            "max_words": self.max_words,
-            "temperature": self.temperature,
-            "timeout_s": self.timeout_s,
-            "max_retries": self.max_retries,
-            "backoff_s": self.backoff_s,
-            "concurrency": self.concurrency,
-            "cache_dir": self.cache_dir,
-            "max_chars": self.max_chars,
-        }
+        shared = constructor_kwargs(
+            self, Rewriter, system_prompt=self._system_prompt_template, examples=self.examples if self._examples_given else None
+        )
+        return {**self._backend_config(), **shared}
 
     def __repr__(self) -> str:
         cfg = self.config()

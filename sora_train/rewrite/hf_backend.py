@@ -20,12 +20,12 @@ from typing import Any
 
 from sora_train.rewrite.base import RewriteError, Rewriter
 from sora_train.utils.errors import SoraError
+from sora_train.utils.hf import check_hf_dtype, import_transformers
+from sora_train.utils.kwargs import constructor_kwargs
 from sora_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-INSTALL_HINT = "pip install 'sora_train[text]'"
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class HFRewriter(Rewriter):
@@ -51,8 +51,7 @@ class HFRewriter(Rewriter):
         **kwargs: Any,
     ):
         kwargs.setdefault("concurrency", 1)
-        if dtype not in _DTYPES:
-            raise SoraError(f"HFRewriter: dtype={dtype!r} is not one of {list(_DTYPES)}")
+        check_hf_dtype("HFRewriter", dtype)
         if max_new_tokens < 1:
             raise SoraError(f"HFRewriter: max_new_tokens={max_new_tokens} must be >= 1")
         folder = Path(path).expanduser()
@@ -61,11 +60,9 @@ class HFRewriter(Rewriter):
         if not (folder / "config.json").is_file():
             raise SoraError(f"HFRewriter: path={str(path)!r} is not a model folder: no config.json")
         super().__init__(**kwargs)
-        try:
-            import torch
-            import transformers
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise SoraError(f"HFRewriter needs the 'transformers' package: {INSTALL_HINT}") from e
+        import torch
+
+        transformers = import_transformers("HFRewriter")
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,13 +93,7 @@ class HFRewriter(Rewriter):
         return {"config_sha256": self._config_sha256, "max_new_tokens": self.max_new_tokens, "dtype": self.dtype}
 
     def _backend_config(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "max_new_tokens": self.max_new_tokens,
-            "dtype": self.dtype,
-            "device": self.device,
-            "model_name": self.model_name,
-        }
+        return constructor_kwargs(self, HFRewriter)
 
     # -- prompt building --------------------------------------------------------------------
 

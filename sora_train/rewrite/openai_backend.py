@@ -28,6 +28,7 @@ from typing import Any
 
 from sora_train.rewrite.base import RewriteError, Rewriter
 from sora_train.utils.errors import SoraError
+from sora_train.utils.kwargs import constructor_kwargs
 
 # Worth retrying: request timeout, conflict, too early, rate limited, and server-side errors.
 _RETRYABLE_HTTP = {408, 409, 425, 429}
@@ -121,13 +122,7 @@ class OpenAIRewriter(Rewriter):
         return {"max_tokens": self.max_tokens, "image_detail": self.image_detail}
 
     def _backend_config(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "base_url": self.base_url,
-            "api_key_env": self.api_key_env,
-            "max_tokens": self.max_tokens,
-            "image_detail": self.image_detail,
-        }
+        return constructor_kwargs(self, OpenAIRewriter)
 
     def _redact(self, text: str) -> str:
         key = os.environ.get(self.api_key_env, "")

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sora_train.utils.errors import SoraError
+from sora_train.utils.kwargs import constructor_kwargs
 
 # t in [0, 1] is scaled to [0, 1000] before the sinusoidal embedding so that its frequencies
 # (periods 1 .. 10000) resolve small timestep differences, as in DiT's integer timesteps.
@@ -465,18 +466,4 @@ class DiT(nn.Module):
 
     def config(self) -> dict:
         """Constructor kwargs, JSON-serialisable: DiT(**model.config()) rebuilds the model."""
-        return {
-            "in_channels": self.in_channels,
-            "patch_size": list(self.patch_size),
-            "hidden_size": self.hidden_size,
-            "depth": self.depth,
-            "num_heads": self.num_heads,
-            "mlp_ratio": self.mlp_ratio,
-            "text_dim": self.text_dim,
-            "qk_norm": self.qk_norm,
-            "cond_channels": self.cond_channels,
-            "rope_theta": self.rope_theta,
-            "activation_checkpointing": self.activation_checkpointing,
-            "out_channels": self.out_channels,
-            "modulation": self.modulation,
-        }
+        return constructor_kwargs(self, patch_size=list(self.patch_size))

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from sora_train.models.text.base import TextEncoder
 from sora_train.utils.errors import SoraError
-
-INSTALL_HINT = "pip install 'sora_train[text]'"
+from sora_train.utils.hf import check_hf_dtype, import_transformers
+from sora_train.utils.kwargs import constructor_kwargs
 
 # model_type in config.json -> the transformers class that loads only the text encoder.
 # A full T5ForConditionalGeneration or CLIPModel folder loads too: the extra weights are skipped.
@@ -30,15 +30,6 @@ _ENCODER_CLASSES = {
     "clip_text_model": "CLIPTextModel",
     "clip": "CLIPTextModel",
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _import_transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SoraError(f"HFTextEncoder needs the 'transformers' package: {INSTALL_HINT}") from e
-    return transformers
 
 
 def _resolve_folders(path: str | Path, tokenizer_path: str | Path | None) -> tuple[Path, Path]:
@@ -83,12 +74,11 @@ class HFTextEncoder(TextEncoder):
         pad_to_max_length: bool = False,
     ):
         super().__init__()
-        if dtype not in _DTYPES:
-            raise SoraError(f"HFTextEncoder: dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        check_hf_dtype("HFTextEncoder", dtype)
         if max_length < 1:
             raise SoraError(f"HFTextEncoder: max_length={max_length} must be >= 1")
         model_dir, tok_dir = _resolve_folders(path, tokenizer_path)
-        transformers = _import_transformers()
+        transformers = import_transformers("HFTextEncoder")
 
         try:
             hf_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -122,7 +112,7 @@ class HFTextEncoder(TextEncoder):
         self.trainable = False
         self.dim = int(getattr(text_config, "d_model", None) or text_config.hidden_size)
         self.tokenizer = tokenizer
-        self.model = model.to(_DTYPES[dtype])
+        self.model = model.to(getattr(torch, dtype))
         self.model.requires_grad_(False)
         self.model.eval()
 
@@ -154,11 +144,4 @@ class HFTextEncoder(TextEncoder):
         return emb, mask
 
     def config(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "max_length": self.max_length,
-            "dtype": self.dtype_name,
-            "kind": self.kind,
-            "tokenizer_path": self.tokenizer_path,
-            "pad_to_max_length": self.pad_to_max_length,
-        }
+        return constructor_kwargs(self, dtype=self.dtype_name)

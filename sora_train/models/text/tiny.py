@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from sora_train.models.text.base import TextEncoder
 from sora_train.utils.errors import SoraError
+from sora_train.utils.kwargs import constructor_kwargs
 
 PAD_ID = 0
 START_ID = 1
@@ -132,12 +133,4 @@ class TinyTextEncoder(TextEncoder):
         return x, mask
 
     def config(self) -> dict[str, Any]:
-        return {
-            "dim": self.dim,
-            "depth": self.depth,
-            "num_heads": self.num_heads,
-            "vocab_size": self.vocab_size,
-            "max_length": self.max_length,
-            "pad_to_max_length": self.pad_to_max_length,
-            "trainable": self.trainable,
-        }
+        return constructor_kwargs(self)
