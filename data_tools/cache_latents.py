@@ -49,6 +49,7 @@ from sora_train.data.shards import REJECTS_NAME, iter_tar_samples, read_index, s
 from sora_train.data.shardset import ShardSetSpec, ShardSetWriter
 from sora_train.data.transforms import frame_indices
 from sora_train.data.video_io import DECODERS, IMAGE_EXTS
+from sora_train.data_tools.probe import console, progress, table
 from sora_train.utils import get_logger, stable_hash
 from sora_train.utils.errors import SoraError
 
@@ -234,8 +235,6 @@ def cache_latents(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Encode every clip of ``shards`` into a latent shard set at ``out``; returns its index.json."""
-    from sora_train.data_tools.probe import progress
-
     t0 = time.monotonic()
     out = Path(out)
     vae = load_part(vae_dir, "vae", "--vae")
@@ -336,24 +335,13 @@ def _one(sample: dict[str, Any], decoder: ShardVideoDataset, enc: _Encoder, out:
 
 
 def print_summary(index: dict[str, Any], run: dict[str, Any], out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"cache-latents -> {out}", title_justify="left")
-    t.add_column("")
-    t.add_column("value", justify="right")
-    t.add_row("written this run", str(run.get("written", 0)))
-    t.add_row("skipped (already cached)", str(run.get("skipped", 0)))
-    for k, v in sorted(run.items()):
-        if k.startswith("rejected:"):
-            t.add_row(f"rejected: {k.split(':', 1)[1]}", str(v))
-    t.add_row("samples in the set", str(index["num_samples"]))
-    for shape, n in run.get("latent_shapes", {}).items():
-        t.add_row(f"latent C x f x h x w {shape}", str(n))
-    t.add_row("vae_hash", index["vae_hash"][:16])
-    t.add_row("text_hash", (index["text_hash"] or "-")[:16])
-    t.add_row("seconds (encode)", f"{run['seconds']:.1f} ({run['encode_seconds']:.1f})")
-    Console(soft_wrap=True).print(t)
+    rows: list[tuple[Any, ...]] = [("written this run", run.get("written", 0)), ("skipped (already cached)", run.get("skipped", 0))]
+    rows += [(f"rejected: {k.split(':', 1)[1]}", v) for k, v in sorted(run.items()) if k.startswith("rejected:")]
+    rows.append(("samples in the set", index["num_samples"]))
+    rows += [(f"latent C x f x h x w {shape}", n) for shape, n in run.get("latent_shapes", {}).items()]
+    rows += [("vae_hash", index["vae_hash"][:16]), ("text_hash", (index["text_hash"] or "-")[:16]),
+             ("seconds (encode)", f"{run['seconds']:.1f} ({run['encode_seconds']:.1f})")]
+    console().print(table(f"cache-latents -> {out}", rows, ("", "value")))
 
 
 # -- CLI -------------------------------------------------------------------------------------

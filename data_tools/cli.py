@@ -4,10 +4,8 @@
     sora-data probe footage/                                # what decodes, codecs, hours
     sora-data probe data/shards/mine --json                 # verify a shard set
 
-Adding a subcommand is one function below, decorated with ``@subcommand``: it adds the
-subcommand's arguments to its parser and returns the function that runs it (args -> exit
-status). Import the implementing module inside that function, so that ``sora-data probe``
-does not pay for what ``sora-data recaption`` imports.
+Adding a subcommand is one line in ``SUBCOMMANDS``: its help and the module that implements
+it, with ``add_arguments(parser)`` and ``run(args) -> exit status``.
 
 Exit status: 0 done; 1 the run finished but failed (nothing usable written, a shard set that
 does not verify); 2 a usage error (a missing input, a bad option), printed as one line
@@ -17,65 +15,29 @@ does not verify); 2 a usage error (a missing input, a bad option), printed as on
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable
 
 Runner = Callable[[argparse.Namespace], int]
-Configure = Callable[[argparse.ArgumentParser], Runner]
 
-_SUBCOMMANDS: dict[str, tuple[str, Configure]] = {}
-
-
-def subcommand(name: str, help: str) -> Callable[[Configure], Configure]:
-    """Register ``fn(parser) -> runner`` as ``sora-data <name>``."""
-
-    def register(fn: Configure) -> Configure:
-        if name in _SUBCOMMANDS:
-            raise ValueError(f"sora-data subcommand {name!r} registered twice")
-        _SUBCOMMANDS[name] = (help, fn)
-        return fn
-
-    return register
+# name -> (help, module). Each module has add_arguments(parser) and run(args) -> exit status;
+# it is imported only when its subcommand runs, so `sora-data probe` does not pay for what
+# `sora-data cache-latents` imports (Lightning, the models).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("footage folders/files + captions -> webdataset shards, index.json, rejects.jsonl", "ingest"),
+    "probe": ("summarise a footage folder (what decodes, codecs, hours) or verify a shard set", "probe"),
+    "preview": ("PNG contact sheet of what the loader feeds, per bucket (frames + captions)", "preview"),
+    "cache-latents": ("video shard set -> latent shard set (VAE latents, optional text embeddings) for DiT training", "cache_latents"),
+    "recaption": ("rewrite a shard set's captions with a re-writer (optionally from frames) -> a new shard set", "recaption"),
+}
 
 
-@subcommand("ingest", "footage folders/files + captions -> webdataset shards, index.json, rejects.jsonl")
-def _ingest(p: argparse.ArgumentParser) -> Runner:
-    from sora_train.data_tools import ingest
-
-    ingest.add_arguments(p)
-    return ingest.run
-
-
-@subcommand("probe", "summarise a footage folder (what decodes, codecs, hours) or verify a shard set")
-def _probe(p: argparse.ArgumentParser) -> Runner:
-    from sora_train.data_tools import probe
-
-    probe.add_arguments(p)
-    return probe.run
-
-
-@subcommand("preview", "PNG contact sheet of what the loader feeds, per bucket (frames + captions)")
-def _preview(p: argparse.ArgumentParser) -> Runner:
-    from sora_train.data_tools import preview
-
-    preview.add_arguments(p)
-    return preview.run
-
-
-@subcommand("cache-latents", "video shard set -> latent shard set (VAE latents, optional text embeddings) for DiT training")
-def _cache_latents(p: argparse.ArgumentParser) -> Runner:
-    from sora_train.data_tools import cache_latents
-
-    cache_latents.add_arguments(p)
-    return cache_latents.run
-
-
-@subcommand("recaption", "rewrite a shard set's captions with a re-writer (optionally from frames) -> a new shard set")
-def _recaption(p: argparse.ArgumentParser) -> Runner:
-    from sora_train.data_tools import recaption
-
-    recaption.add_arguments(p)
-    return recaption.run
+def configure(name: str, parser: argparse.ArgumentParser) -> Runner:
+    """Import subcommand ``name``'s module, add its arguments to ``parser``; -> its runner."""
+    module = importlib.import_module(f"sora_train.data_tools.{SUBCOMMANDS[name][1]}")
+    module.add_arguments(parser)
+    return module.run
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -94,10 +56,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="sora-data", description="Footage -> shards, and tools over shard sets.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help, configure) in _SUBCOMMANDS.items():
+    for name, (help, _) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
         if name == chosen:
-            p.set_defaults(_run=configure(p))
+            p.set_defaults(_run=configure(name, p))
     return parser
 
 

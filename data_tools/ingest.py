@@ -44,6 +44,7 @@ from sora_train.data_tools.probe import (
     display_path,
     find_media,
     iter_frames,
+    print_run_summary,
     probe_media,
     read_source,
     short,
@@ -54,7 +55,6 @@ from sora_train.utils.errors import SoraError
 
 log = get_logger(__name__)
 
-HELP = "footage folders/files + captions -> webdataset shards, index.json, rejects.jsonl"
 TOOL = "sora-data ingest"
 # Bump when the bytes or json written for the same input and options change.
 INGEST_FORMAT = "sora_train.ingest/1"
@@ -505,30 +505,15 @@ def _write_source(
 
 
 def print_summary(index: dict[str, Any], run: dict[str, Any], out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(soft_wrap=True)
-    t = Table(title=f"ingest -> {display_path(out)}", title_justify="left")
-    t.add_column("")
-    t.add_column("this run", justify="right")
-    t.add_column("shard set", justify="right")
-    t.add_row("inputs", str(run["inputs"]), "")
-    t.add_row("sources kept", str(run["kept_sources"]), str(index["num_sources"]))
-    t.add_row("clips kept", str(run["kept_clips"]), str(index["num_samples"]))
-    t.add_row("skipped (already ingested)", str(run["skipped"]), "")
-    t.add_row("hours of video", f"{run['seconds_of_video'] / 3600:.4f}", f"{index['hours']:.4f}")
-    t.add_row("rejected", str(sum(run["rejected"].values())), str(index["num_rejects"]))
-    for reason, n in run["rejected"].items():
-        t.add_row(f"  {reason}", str(n), str(index["rejects_by_reason"].get(reason, "")))
-    console.print(t)
-    if index["shape_histogram"]:
-        h = Table(title="shapes F x H x W (top 10)", title_justify="left")
-        h.add_column("shape")
-        h.add_column("clips", justify="right")
-        for shape, n in Counter(index["shape_histogram"]).most_common(10):
-            h.add_row(shape, str(n))
-        console.print(h)
+    rows = [
+        ("inputs", run["inputs"], ""),
+        ("sources kept", run["kept_sources"], index["num_sources"]),
+        ("clips kept", run["kept_clips"], index["num_samples"]),
+        ("skipped (already ingested)", run["skipped"], ""),
+        ("hours of video", f"{run['seconds_of_video'] / 3600:.4f}", f"{index['hours']:.4f}"),
+    ]
+    print_run_summary(f"ingest -> {display_path(out)}", rows, run, index,
+                      top=("shapes F x H x W (top 10)", ("shape", "clips"), index["shape_histogram"]))
 
 
 # -- CLI -----------------------------------------------------------------------------------

@@ -567,7 +567,6 @@ def _stop(slot: dict[str, Any]) -> None:
 
 
 # -- `sora-data probe` ---------------------------------------------------------------------
-HELP = "summarise a footage folder (what decodes, codecs, hours) or verify a shard set"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -786,7 +785,8 @@ class progress:  # noqa: N801 (used like a function: `with progress(...) as adva
         self._bar.stop()
 
 
-def _table(title: str, rows: Iterable[tuple[Any, ...]], headers: tuple[str, ...]):
+def table(title: str, rows: Iterable[tuple[Any, ...]], headers: tuple[str, ...]):
+    """A rich table: the first column left-aligned, the rest right-aligned."""
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
@@ -797,15 +797,29 @@ def _table(title: str, rows: Iterable[tuple[Any, ...]], headers: tuple[str, ...]
     return t
 
 
-def _console():
+def console():
     from rich.console import Console
 
     return Console(soft_wrap=True)
 
 
+def print_run_summary(title: str, rows: list[tuple[Any, ...]], run: dict[str, Any], index: dict[str, Any],
+                      top: tuple[str, tuple[str, str], dict[str, int]] | None = None) -> None:
+    """What a run of a shard-set tool did beside what the set now holds: ``rows`` of (what,
+    this run, shard set), then the rejects by reason; ``top``: (title, headers, counts) of a
+    top-10 table below it."""
+    rejected = run["rejected"]
+    rows = [*rows, ("rejected", sum(rejected.values()), index["num_rejects"])]
+    rows += [(f"  {reason}", n, index["rejects_by_reason"].get(reason, "")) for reason, n in rejected.items()]
+    c = console()
+    c.print(table(title, rows, ("", "this run", "shard set")))
+    if top is not None and top[2]:
+        c.print(table(top[0], Counter(top[2]).most_common(10), top[1]))
+
+
 def _render_footage(r: dict[str, Any]) -> None:
-    c = _console()
-    c.print(_table(
+    c = console()
+    c.print(table(
         f"footage: {', '.join(r['paths'])}",
         [("media files", r["files"]), ("decodable", r["decodable"]), ("failing", r["files"] - r["decodable"]),
          ("other files (ignored)", r["other_files"]), ("hours of video", f"{r['hours']:.4f}"), ("video frames", r["frames"])],
@@ -814,21 +828,21 @@ def _render_footage(r: dict[str, Any]) -> None:
     sections = (("by kind", "by_kind"), ("by container", "by_container"), ("by codec", "by_codec"), ("by resolution (top 15)", "by_resolution"))
     for title, key in sections:
         if r[key]:
-            c.print(_table(title, list(r[key].items())[:15], (title.split()[1], "files")))
+            c.print(table(title, list(r[key].items())[:15], (title.split()[1], "files")))
     if r["failures"]:
-        c.print(_table("files that fail", [(f["path"], f["reason"], f["detail"]) for f in r["failures"]], ("path", "reason", "detail")))
+        c.print(table("files that fail", [(f["path"], f["reason"], f["detail"]) for f in r["failures"]], ("path", "reason", "detail")))
 
 
 def _render_shards(r: dict[str, Any]) -> None:
-    c = _console()
+    c = console()
     rows = [("shards", r["num_shards"]), ("samples", r["num_samples"]), ("rejects logged", r["num_rejects"]),
             ("hours", f"{r['hours']:.4f}"), ("written by", r["tool"])]
     rows += [(f"caption {k}", v) for k, v in r["captions"].items()]
-    c.print(_table(f"shard set: {r['path']}", rows, ("", "value")))
+    c.print(table(f"shard set: {r['path']}", rows, ("", "value")))
     if r["by_media"]:
-        c.print(_table("media", list(r["by_media"].items()), ("ext", "samples")))
+        c.print(table("media", list(r["by_media"].items()), ("ext", "samples")))
     if r["shape_histogram"]:
-        c.print(_table("shapes F x H x W (top 15)", list(r["shape_histogram"].items())[:15], ("shape", "samples")))
+        c.print(table("shapes F x H x W (top 15)", list(r["shape_histogram"].items())[:15], ("shape", "samples")))
     if r["problems"]:
-        c.print(_table("problems", [(p,) for p in r["problems"]], ("problem",)))
+        c.print(table("problems", [(p,) for p in r["problems"]], ("problem",)))
     c.print("[green]ok[/green]" if r["ok"] else f"[red]{len(r['problems'])} problem(s)[/red]")

@@ -55,7 +55,7 @@ import numpy as np
 from sora_train.data.shards import REJECTS_NAME, REQUIRED_META, iter_samples, read_index, sample_entry, shard_paths
 from sora_train.data.shardset import ShardLedger, ShardSetSpec, ShardSetWriter
 from sora_train.data.video_io import IMAGE_EXTS, VIDEO_EXTS
-from sora_train.data_tools.probe import display_path, progress, short
+from sora_train.data_tools.probe import display_path, print_run_summary, progress, short
 from sora_train.utils import get_logger, stable_hash
 from sora_train.utils.errors import SoraError
 
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-HELP = "rewrite the captions of a shard set with a re-writer (optionally looking at frames) -> a new shard set"
 TOOL = "sora-data recaption"
 # Bump when the json written for the same input, options and rewrite changes.
 RECAPTION_FORMAT = "sora_train.recaption/1"
@@ -406,30 +405,12 @@ def _attach_frames(chunk: list[_Item], pool: ThreadPoolExecutor, opts: Recaption
 
 
 def print_summary(index: dict[str, Any], run: dict[str, Any], out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(soft_wrap=True)
     ident = index["rewriter"]["identity"]
-    t = Table(title=f"recaption ({ident.get('backend')}: {ident.get('model')}) -> {display_path(out)}", title_justify="left")
-    t.add_column("")
-    t.add_column("this run", justify="right")
-    t.add_column("shard set", justify="right")
-    t.add_row("samples written", str(run["written"]), str(index["num_samples"]))
-    for s in STATUSES:
-        t.add_row(f"  {s}", str(run["status"].get(s, 0)), str(index["rewrite_status"].get(s, 0)))
-    t.add_row("skipped (already in --out)", str(run["skipped"]), "")
-    t.add_row("rejected", str(sum(run["rejected"].values())), str(index["num_rejects"]))
-    for reason, n in run["rejected"].items():
-        t.add_row(f"  {reason}", str(n), str(index["rejects_by_reason"].get(reason, "")))
-    console.print(t)
-    if run["fallback_reasons"]:
-        f = Table(title="fallback reasons (top 10; the original caption was kept)", title_justify="left")
-        f.add_column("reason")
-        f.add_column("samples", justify="right")
-        for reason, n in Counter(run["fallback_reasons"]).most_common(10):
-            f.add_row(reason, str(n))
-        console.print(f)
+    rows = [("samples written", run["written"], index["num_samples"])]
+    rows += [(f"  {s}", run["status"].get(s, 0), index["rewrite_status"].get(s, 0)) for s in STATUSES]
+    rows.append(("skipped (already in --out)", run["skipped"], ""))
+    print_run_summary(f"recaption ({ident.get('backend')}: {ident.get('model')}) -> {display_path(out)}", rows, run, index,
+                      top=("fallback reasons (top 10; the original caption was kept)", ("reason", "samples"), run["fallback_reasons"]))
 
 
 # -- CLI -------------------------------------------------------------------------------------
