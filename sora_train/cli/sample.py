@@ -8,8 +8,12 @@
   edit:            sora-sample --ckpt EXPORT --prompt "..." --edit clip.mp4 --strength 0.6
   expand prompts:  sora-sample --ckpt EXPORT --prompt "a kite" --rewriter template
 
-Every video carries container metadata saying it is AI-generated, with the model's hash and
-both the given and the expanded prompt.
+Every video is written through sora_train.provenance: container metadata saying it is
+AI-generated, with the model's hash, both the given and the expanded prompt and the sampler
+settings; an invisible watermark (from 256x256 up); and a C2PA manifest when
+SORA_C2PA_CERT and SORA_C2PA_KEY name a signing certificate chain and key (README: "Signing
+generated videos"). Prompts are scrubbed of e-mail addresses, phone numbers, URLs and similar
+personal data first. Check a file with `sora-eval provenance FILE`.
 """
 
 from __future__ import annotations
@@ -122,7 +126,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from sora_train.training.pipeline import VideoPipeline
 
-    prompts = read_prompts(args)
+    from sora_train.provenance import default_provenance
+    from sora_train.utils.pii import scrub
+
+    prompts = [scrub(p) for p in read_prompts(args)]
+    default_provenance().warn_if_unsigned()  # a bad or missing signing identity: one line, before the slow part
     pipe = VideoPipeline.from_export(args.ckpt, use_ema=not args.no_ema, rewriter=load_rewriter(args.rewriter, args.rewriter_opt), vae_path=args.vae)
     shape = pipe.meta.get("train_shape") or {}
     frames = args.frames or shape.get("num_frames") or 1 + 4 * pipe.vae.temporal_factor

@@ -20,7 +20,6 @@ plausible clip; only latent frames whose pixel frames are all known are marked a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,10 +29,11 @@ import torch
 from torch import nn
 
 from sora_train.diffusion import FlowMatching, sample
+from sora_train.provenance import AI_LABEL  # noqa: F401  re-exported: the label every generated video carries
 from sora_train.utils.errors import SoraError
+from sora_train.utils.pii import scrub
 
 MODES = ("t2v", "i2v", "extend_forward", "extend_backward", "interpolate", "edit")
-AI_LABEL = "AI-generated video (sora_train)"
 
 
 @dataclass
@@ -198,7 +198,10 @@ class VideoPipeline:
         steps = int(steps or defaults.get("steps", 30))
         method = method or defaults.get("method", "euler")
         guidance_scale = float(guidance_scale if guidance_scale is not None else defaults.get("guidance_scale", 4.0))
-        original = list(prompts)
+        # Personal data (e-mails, phone numbers, URLs, ...) never reaches the re-writer, its cache,
+        # the model or the written videos.
+        original = [scrub(p) for p in prompts]
+        negative_prompt = scrub(negative_prompt)
         prompts = self.expand_prompts(original)
         B = len(prompts)
         f, h, w = self.latent_shape(num_frames, height, width)
@@ -254,19 +257,20 @@ class VideoPipeline:
         return Generation(out, prompts, original, mode, int(seed), settings)
 
     # -- writing ----------------------------------------------------------------------------------
-    def save(self, gen: Generation, out_dir: str | Path, fps: float = 8.0, stem: str = "sample", strip: bool = True) -> list[Path]:
-        """Write each video as mp4 carrying the AI-generated label, the checkpoint hash and
-        both prompt texts in its container metadata; plus a PNG strip of frames."""
-        from sora_train.data.video_io import encode_video
-        from sora_train.utils.io import atomic_write_bytes
+    def save(self, gen: Generation, out_dir: str | Path, fps: float = 8.0, stem: str = "sample", strip: bool = True, provenance: Any = None) -> list[Path]:
+        """Write each video through ``provenance.write_generated_video``: the invisible watermark
+        (256x256 and up), the AI-generated label with the model's hash, both prompt texts and the
+        sampler settings in its container metadata, and a C2PA manifest when a signing identity
+        is configured (``provenance``: a ``sora_train.provenance.Provenance``; default from the
+        environment). Plus a PNG strip of frames, labelled and signed likewise."""
+        from sora_train.provenance import mark_image_file, write_generated_video
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
         frames_all = to_uint8(gen.video)  # (B, F, H, W, 3)
         for i, frames in enumerate(frames_all):
-            info = {
-                "label": AI_LABEL,
+            claims = {
                 "model_sha256": self.meta.get("weights_sha256"),
                 "weights": self.meta.get("weights"),
                 "prompt": gen.original_prompts[i],
@@ -275,12 +279,12 @@ class VideoPipeline:
                 "seed": gen.seed,
                 **gen.settings,
             }
-            metadata = {"comment": AI_LABEL, "title": gen.original_prompts[i][:200], "artist": "sora_train", "description": json.dumps(info, ensure_ascii=False)}
             path = out / f"{stem}_{i:03d}.mp4"
-            atomic_write_bytes(path, encode_video(frames, fps, metadata=metadata))
+            write_generated_video(path, frames, fps, claims, provenance)
             paths.append(path)
             if strip:
-                write_strip(frames, out / f"{stem}_{i:03d}.png", title=gen.original_prompts[i])
+                png = write_strip(frames, out / f"{stem}_{i:03d}.png", title=scrub(gen.original_prompts[i]))
+                mark_image_file(png, claims, provenance)
         return paths
 
 

@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from sora_train.data.shapes import AttributeReader, ShapeAttrs, ShapesWorld, default_heldout
+from sora_train.provenance import mark_image_file
 from sora_train.utils.errors import SoraError
 from sora_train.utils.io import atomic_write_json
 
@@ -529,6 +530,7 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
             files["val_loss_by_t"] = "val_loss_by_t.png"
     rows = _pick_rows(seen_records, seen_videos, held_records, held_videos) + mode_samples[:: max(1, len(mode_samples) // 6)][:6]
     write_sample_grid(rows, out / "samples.png")
+    mark_image_file(out / "samples.png", {"prompt": "", "content": "sora-eval shapes: generated clips", "model_sha256": pipe.meta.get("weights_sha256")})
     write_accuracy_plot(report, out / "accuracy.png")
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = timings

@@ -27,7 +27,8 @@ from sora_train.data.shards import read_index
 from sora_train.models.vae.losses import psnr, ssim
 from sora_train.models.export import load_parts
 from sora_train.training.pipeline import to_uint8, write_strip
-from sora_train.utils import atomic_write_bytes, atomic_write_json
+from sora_train.provenance import mark_image_file, write_generated_video
+from sora_train.utils import atomic_write_json
 from sora_train.utils.errors import SoraError
 
 RESULT_NAME = "vae_eval.json"
@@ -79,7 +80,6 @@ def evaluate_vae(
 ) -> dict[str, Any]:
     """Measure reconstruction of up to ``max_samples`` clips; writes and returns the JSON report."""
     from sora_train.data.latents import vae_fingerprint
-    from sora_train.data.video_io import encode_video
 
     if max_samples < 1 or batch_size < 1 or num_videos < 0:
         raise SoraError(f"--max-samples ({max_samples}) and --batch-size ({batch_size}) must be >= 1, --num-videos ({num_videos}) >= 0")
@@ -136,8 +136,10 @@ def evaluate_vae(
     video_path = strip_path = None
     if inputs:
         grid = _side_by_side(inputs, recons)  # (F, rows, cols, 3)
-        video_path = atomic_write_bytes(out / VIDEO_NAME, encode_video(grid, fps, "mp4", crf=12))
-        strip_path = write_strip(grid, out / STRIP_NAME, title="input | reconstruction")
+        # The right half is model output: written marked like every generated video.
+        claims = {"prompt": "", "content": "VAE input | reconstruction", "model_sha256": vae_hash}
+        video_path = write_generated_video(out / VIDEO_NAME, grid, fps, claims, crf=12).path
+        strip_path = mark_image_file(write_strip(grid, out / STRIP_NAME, title="input | reconstruction"), claims).path
     psnrs = [r["psnr"] for r in rows if r["psnr"] is not None]
     ssims = [r["ssim"] for r in rows]
     result = {

@@ -171,3 +171,35 @@ def test_lora_finetune_starts_from_an_export(smoke_run, tmp_path):
     assert set(after) == set(start)  # a plain DiT: no adapter keys left
     changed = {k for k in start if not torch.equal(after[k], start[k])}
     assert changed and all(".attn." in k or ".cross_attn." in k or ".mlp." in k for k in changed), changed
+
+
+@pytest.mark.slow
+def test_sample_is_signed_watermarked_and_scrubbed(smoke_run, tmp_path):
+    """sora-sample at 256x256 with a signing identity in the environment: the video verifies
+    (sora-eval provenance exits 0), carries the watermark with the model's id, and the prompt's
+    e-mail address is in neither the manifest nor the container metadata nor samples.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("provenance_helpers", ROOT / "tests" / "provenance" / "provenance_helpers.py")
+    helpers = sys.modules.setdefault("provenance_helpers", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(helpers)
+    pki = helpers.make_pki(tmp_path / "pki")
+    run_dir, _ = smoke_run
+    out = tmp_path / "out"
+    env = {"SORA_C2PA_CERT": str(pki.cert), "SORA_C2PA_KEY": str(pki.key)}
+    p = run([str(BIN / "sora-sample"), "--ckpt", str(run_dir / "export"), "--prompt", "a red circle, by jane@example.com", "--frames", "5",
+             "--height", "256", "--width", "256", "--steps", "1", "--guidance", "1.0", "--out", str(out)], env_extra=env)
+    assert "not C2PA-signed" not in p.stderr
+    (video,) = sorted(out.glob("*.mp4"))
+    info = json.loads(read_container_metadata(video.read_bytes())["description"])
+    assert info["prompt"] == "a red circle, by [email]" and "jane@" not in (out / "samples.json").read_text()
+    v = run([str(BIN / "sora-eval"), "provenance", str(video), str(video.with_suffix(".png")), "--trust", str(pki.ca), "--json"])
+    reports = [json.loads(line) for line in v.stdout.splitlines()]
+    assert [r["verdict"] for r in reports] == ["ours", "ours"]
+    m, w = reports[0]["manifest"], reports[0]["watermark"]
+    assert m["trusted"] and m["claims"]["prompt"] == "a red circle, by [email]" and m["claims"]["steps"] == 1
+    assert w["present"] and w["model_id"] == info["model_sha256"][:6]
+    # Without the identity: still written, one warning line.
+    p = run([str(BIN / "sora-sample"), "--ckpt", str(run_dir / "export"), "--prompt", "x", "--frames", "5", "--steps", "1", "--out", str(tmp_path / "unsigned")],
+            env_extra={"SORA_C2PA_CERT": str(pki.expired_cert), "SORA_C2PA_KEY": str(pki.expired_key)})
+    assert sorted((tmp_path / "unsigned").glob("*.mp4")) and p.stderr.count("expired on") == 1

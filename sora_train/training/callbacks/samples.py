@@ -73,7 +73,10 @@ class SampleVideos(pl.Callback):
             if type(logger).__name__ == "WandbLogger":
                 import wandb
 
-                logger.experiment.log({"samples/video": [wandb.Video(str(p), caption=c, format="mp4") for p, c in zip(paths, self.prompts)], "trainer/global_step": trainer.global_step})
+                from sora_train.utils.pii import scrub
+
+                # The videos went through provenance.write_generated_video (label, watermark, C2PA).
+                logger.experiment.log({"samples/video": [wandb.Video(str(p), caption=scrub(c), format="mp4") for p, c in zip(paths, self.prompts)], "trainer/global_step": trainer.global_step})
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.fit_loop._should_accumulate() \
