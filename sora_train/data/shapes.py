@@ -362,23 +362,61 @@ def _split_seed(seed: int, split: str) -> int:
     return seed * len(SPLITS) + SPLITS.index(split)
 
 
-def _dataset_options(
-    num_train: int, num_val: int, num_heldout: int, seed: int, world: ShapesWorld, heldout: list[tuple[str, str]],
-    container: str, codec: str | None, crf: int, clips_per_shard: int,
-) -> dict[str, Any]:
-    return {
-        "shapes_version": SHAPES_VERSION,
-        "seed": seed,
-        "num_train": num_train,
-        "num_val": num_val,
-        "num_heldout": num_heldout,
-        "world": world.options(),
-        "heldout_pairs": [list(p) for p in heldout],
-        "container": container,
-        "codec": codec,
-        "crf": crf,
-        "clips_per_shard": clips_per_shard,
-    }
+@dataclass(frozen=True)
+class ShapesSetSpec:
+    """What a generated shapes dataset holds (the options each split's index.json records).
+
+    Args:
+        num_train, num_val: clips in train and val; neither holds a held-out pair.
+        seed: the user seed (each split draws from its own stream of it).
+        world: the world the clips are drawn from.
+        heldout: (colour, shape) pairs kept out of train and val; None: :func:`default_heldout`
+            of ``seed``; ``[]``: none.
+        num_heldout: clips in the heldout split (default ``num_val``; 0 without pairs).
+        clips_per_shard: samples per tar.
+        container, codec, crf: how clips are encoded (codec None: the container's default).
+    """
+
+    num_train: int
+    num_val: int
+    seed: int = 0
+    world: ShapesWorld = ShapesWorld()
+    heldout: Iterable[Sequence[str]] | None = None
+    num_heldout: int | None = None
+    clips_per_shard: int = 256
+    container: str = "mp4"
+    codec: str | None = None
+    crf: int = 18
+
+    def __post_init__(self) -> None:
+        if self.num_train < 0 or self.num_val < 0 or self.seed < 0:
+            raise SoraError(f"shapes dataset: num_train={self.num_train}, num_val={self.num_val}, seed={self.seed} must be >= 0")
+
+    @functools.cached_property
+    def pairs(self) -> list[tuple[str, str]]:
+        """The held-out (colour, shape) pairs, checked."""
+        return _check_heldout(default_heldout(self.seed) if self.heldout is None else self.heldout)
+
+    @property
+    def heldout_clips(self) -> int:
+        if not self.pairs:
+            return 0
+        return self.num_val if self.num_heldout is None else self.num_heldout
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "shapes_version": SHAPES_VERSION,
+            "seed": self.seed,
+            "num_train": self.num_train,
+            "num_val": self.num_val,
+            "num_heldout": self.heldout_clips,
+            "world": self.world.options(),
+            "heldout_pairs": [list(p) for p in self.pairs],
+            "container": self.container,
+            "codec": self.codec,
+            "crf": self.crf,
+            "clips_per_shard": self.clips_per_shard,
+        }
 
 
 def _sample_meta(
@@ -405,44 +443,26 @@ def _sample_meta(
     }
 
 
-def generate_shards(
-    out_dir: str | os.PathLike,
-    num_train: int,
-    num_val: int,
-    seed: int = 0,
-    world: ShapesWorld = ShapesWorld(),
-    heldout: Iterable[Sequence[str]] | None = None,
-    num_heldout: int | None = None,
-    clips_per_shard: int = 256,
-    container: str = "mp4",
-    codec: str | None = None,
-    crf: int = 18,
-    progress: bool = False,
-) -> dict[str, Any]:
+def generate_shards(out_dir: str | os.PathLike, num_train: int, num_val: int, progress: bool = False, **settings: Any) -> dict[str, Any]:
     """Write ``out_dir/{train,val,heldout}/`` shard sets of encoded shapes clips.
 
-    train and val never contain a held-out (colour, shape) pair; ``heldout`` holds only those
-    pairs (``num_heldout`` clips, default ``num_val``). ``heldout=None`` uses
-    :func:`default_heldout` (seed); ``[]`` holds nothing out. The same arguments give
-    identical frames everywhere and byte-identical mp4s with the same libx264 build (x264
-    is deterministic for a fixed input and settings). Encoding dominates the cost (~7 ms a
+    ``settings``: the rest of :class:`ShapesSetSpec` (seed, world, heldout, num_heldout,
+    clips_per_shard, container, codec, crf). train and val never contain a held-out
+    (colour, shape) pair; heldout holds only those pairs. The same arguments give identical
+    frames everywhere and byte-identical mp4s with the same libx264 build (x264 is
+    deterministic for a fixed input and settings). Encoding dominates the cost (~7 ms a
     32x32 clip), ~100-150 clips/s on one core, so there is no worker pool.
 
     Returns:
         {"train": index, "val": index, "heldout": index, "heldout_pairs": [...],
          "seconds": wall time, "clips_per_second": throughput}.
     """
-    if num_train < 0 or num_val < 0 or seed < 0:
-        raise SoraError(f"generate_shards: num_train={num_train}, num_val={num_val}, seed={seed} must be >= 0")
-    pairs = _check_heldout(default_heldout(seed) if heldout is None else heldout)
-    num_heldout = num_val if num_heldout is None else num_heldout
-    if not pairs:
-        num_heldout = 0
-    options = _dataset_options(num_train, num_val, num_heldout, seed, world, pairs, container, codec, crf, clips_per_shard)
+    spec = ShapesSetSpec(num_train, num_val, **settings)
+    world, seed, pairs, options = spec.world, spec.seed, spec.pairs, spec.options()
     all_combos = world.combos()
     seen = [a for a in all_combos if a.pair not in pairs]
     unseen = [a for a in all_combos if a.pair in pairs]
-    plan = [("val", num_val, seen), ("heldout", num_heldout, unseen), ("train", num_train, seen)]
+    plan = [("val", num_val, seen), ("heldout", spec.heldout_clips, unseen), ("train", num_train, seen)]
 
     out_dir = Path(out_dir)
     total = sum(n for _, n, _ in plan)
@@ -454,15 +474,15 @@ def generate_shards(
         for split, count, combos in plan:
             sseed = _split_seed(seed, split)
             _clear_split(out_dir / split)  # a rewrite must not leave an older, longer set's shards
-            writer = ShardWriter(out_dir / split, max_count=clips_per_shard, tool=TOOL, options={**options, "split": split})
+            writer = ShardWriter(out_dir / split, max_count=spec.clips_per_shard, tool=TOOL, options={**options, "split": split})
             with writer:
                 for i in range(count):
                     attrs = world.attrs_for(i, sseed, combos)
                     motion = world.sample_motion(attrs, np.random.default_rng([sseed, _RENDER_STREAM, i]))
                     frames = world.draw(attrs, motion)  # (F, H, W, 3) uint8
-                    data = encode_video(frames, world.fps, container=container, codec=codec, crf=crf)
+                    data = encode_video(frames, world.fps, container=spec.container, codec=spec.codec, crf=spec.crf)
                     meta = _sample_meta(world, attrs, motion, split, i, seed, data)
-                    writer.write(f"shapes_{split}_{i:06d}", {container: data}, meta)
+                    writer.write(f"shapes_{split}_{i:06d}", {spec.container: data}, meta)
                     if bar is not None:
                         bar.advance(task)
             result[split] = _read_json(out_dir / split / INDEX_NAME)  # written by writer.__exit__
@@ -502,36 +522,19 @@ def _clear_split(split_dir: Path) -> None:
             p.unlink()
 
 
-def ensure_shapes_dataset(
-    root: str | os.PathLike,
-    num_train: int,
-    num_val: int,
-    seed: int = 0,
-    world: ShapesWorld = ShapesWorld(),
-    heldout: Iterable[Sequence[str]] | None = None,
-    num_heldout: int | None = None,
-    clips_per_shard: int = 256,
-    container: str = "mp4",
-    codec: str | None = None,
-    crf: int = 18,
-    progress: bool = False,
-) -> Path:
-    """Generate the shapes dataset under ``root`` unless an identical one is already there.
+def ensure_shapes_dataset(root: str | os.PathLike, num_train: int, num_val: int, progress: bool = False, **settings: Any) -> Path:
+    """Generate the shapes dataset under ``root`` (as :func:`generate_shards`) unless an
+    identical one is already there.
 
     "Identical" means every split's index.json records the same options (counts, seed,
     world, held-out pairs, codec, generator version); anything else is cleared and
     regenerated, so a changed config never silently trains on stale clips.
     """
     root = Path(root)
-    pairs = _check_heldout(default_heldout(seed) if heldout is None else heldout)
-    n_held = 0 if not pairs else (num_val if num_heldout is None else num_heldout)
-    expected = _dataset_options(num_train, num_val, n_held, seed, world, pairs, container, codec, crf, clips_per_shard)
+    expected = ShapesSetSpec(num_train, num_val, **settings).options()
     if all(_index_options(root / s) == {**expected, "split": s} for s in SPLITS):
         return root
-    generate_shards(
-        root, num_train, num_val, seed=seed, world=world, heldout=pairs, num_heldout=num_heldout,
-        clips_per_shard=clips_per_shard, container=container, codec=codec, crf=crf, progress=progress,
-    )
+    generate_shards(root, num_train, num_val, progress=progress, **settings)
     return root
 
 
