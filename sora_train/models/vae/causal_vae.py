@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
+from sora_train.models.vae.base import VideoVAE
 from sora_train.utils.errors import SoraError
 
 # LDM's clamp: keeps exp(logvar) finite in fp16/bf16 at init and under bad batches.
@@ -313,7 +314,7 @@ def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool, device: t
 # ----------------------------------------------------------------------------- the model
 
 
-class CausalVAE(nn.Module):
+class CausalVAE(VideoVAE):
     """Causal 3D convolutional VAE.
 
     Args:
@@ -335,6 +336,8 @@ class CausalVAE(nn.Module):
         latent_shift, latent_scale: per-channel latent statistics for the diffusion model
             (see `normalize`); default 0 and 1. Stored as buffers, so they travel with the weights.
     """
+
+    display_name = "the causal VAE"
 
     def __init__(
         self,
@@ -420,27 +423,6 @@ class CausalVAE(nn.Module):
                 nn.init.zeros_(m.conv2.weight)
         nn.init.constant_(self.encoder.conv_out.bias[self.latent_channels :], INIT_LOGVAR)
 
-    # ------------------------------------------------------------------ shapes
-
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """(f, h, w) of the latent of a (num_frames, height, width) clip; raises SoraError if invalid."""
-        tf, sf = self.temporal_factor, self.spatial_factor
-        if num_frames < 1 or (num_frames - 1) % tf != 0:
-            raise SoraError(f"num_frames={num_frames}: the causal VAE needs 1 + k*{tf} frames (1, {1 + tf}, {1 + 2 * tf}, ...)")
-        for name, v in (("height", height), ("width", width)):
-            if v < sf or v % sf != 0:
-                raise SoraError(f"{name}={v}: must be a positive multiple of the VAE's spatial_factor={sf}")
-        return 1 + (num_frames - 1) // tf, height // sf, width // sf
-
-    def pixel_shape(self, f: int, h: int, w: int) -> tuple[int, int, int]:
-        """(F, H, W) that a (f, h, w) latent decodes to."""
-        if f < 1 or h < 1 or w < 1:
-            raise SoraError(f"latent shape (f={f}, h={h}, w={w}): every dimension must be >= 1")
-        return 1 + (f - 1) * self.temporal_factor, h * self.spatial_factor, w * self.spatial_factor
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, video: Tensor, chunk_frames: int | None = None, tile: int | None = None, tile_overlap: int | None = None) -> DiagonalGaussian:
@@ -456,9 +438,7 @@ class CausalVAE(nn.Module):
                 rounded down to a multiple of spatial_factor). Approximate: latents near tile
                 borders see zero padding instead of the neighbouring pixels.
         """
-        if video.ndim != 5 or video.shape[1] != self.in_channels:
-            raise SoraError(f"video shape {tuple(video.shape)}: expected (B, {self.in_channels}, F, H, W)")
-        self.latent_shape(*video.shape[2:])
+        self._check_video(video)
         if chunk_frames is not None and (int(chunk_frames) <= 0 or chunk_frames % self.temporal_factor != 0):
             raise SoraError(f"chunk_frames={chunk_frames}: must be a positive multiple of the VAE's temporal_factor={self.temporal_factor}")
         moments = self._tiled(video, lambda x: self._stream(self.encoder, x, chunk_frames), tile, tile_overlap, upscale=False)
@@ -473,16 +453,10 @@ class CausalVAE(nn.Module):
                 frames, later ones chunk_frames. Exact.
             tile, tile_overlap: in *pixels*, as for `encode` (the latent tile is tile // spatial_factor).
         """
-        if z.ndim != 5 or z.shape[1] != self.latent_channels:
-            raise SoraError(f"latent shape {tuple(z.shape)}: expected (B, {self.latent_channels}, f, h, w)")
+        self._check_latent(z)
         if chunk_frames is not None and int(chunk_frames) <= 0:
             raise SoraError(f"chunk_frames={chunk_frames}: must be a positive number of latent frames")
         return self._tiled(z, lambda x: self._stream(self.decoder, x, chunk_frames), tile, tile_overlap, upscale=True)
-
-    def forward(self, video: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
-        posterior = self.encode(video)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, Cz, f, h, w)
-        return self.decode(z), posterior  # (B, 3, F, H, W)
 
     @contextlib.contextmanager
     def _streaming(self, module: nn.Module) -> Iterator[None]:
@@ -546,29 +520,6 @@ class CausalVAE(nn.Module):
                 out[..., oy : oy + ph, ox : ox + pw] += piece * w
                 weight[..., oy : oy + ph, ox : ox + pw] += w
         return out / weight
-
-    # ------------------------------------------------------------------ latent normalisation
-
-    def normalize(self, z: Tensor) -> Tensor:
-        """VAE latent -> diffusion-model latent: (z - shift) * scale per channel (unit variance)."""
-        shape = (1, -1, 1, 1, 1)
-        return (z - self.latent_shift.view(shape).to(z.dtype)) * self.latent_scale.view(shape).to(z.dtype)
-
-    def denormalize(self, z: Tensor) -> Tensor:
-        """Inverse of `normalize`: diffusion-model latent -> VAE latent, ready for `decode`."""
-        shape = (1, -1, 1, 1, 1)
-        return z / self.latent_scale.view(shape).to(z.dtype) + self.latent_shift.view(shape).to(z.dtype)
-
-    @torch.no_grad()
-    def set_latent_stats(self, shift: Tensor, scale: Tensor) -> None:
-        for name, v in (("shift", shift), ("scale", scale)):
-            v = torch.as_tensor(v)
-            if v.shape != (self.latent_channels,):
-                raise SoraError(f"latent {name} shape {tuple(v.shape)}: expected ({self.latent_channels},)")
-        if not torch.all(torch.as_tensor(scale) != 0):
-            raise SoraError("latent scale: every channel's scale must be non-zero")
-        self.latent_shift.copy_(torch.as_tensor(shift))
-        self.latent_scale.copy_(torch.as_tensor(scale))
 
     def config(self) -> dict:
         """Constructor kwargs (plain JSON types): `CausalVAE(**vae.config())` rebuilds this model."""

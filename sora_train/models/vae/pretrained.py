@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sora_train.models.vae.base import VideoVAE
 from sora_train.models.vae.causal_vae import DiagonalGaussian
 from sora_train.utils.errors import SoraError
 
@@ -79,8 +80,8 @@ def _latent_stats(class_name: str, model: nn.Module, channels: int) -> tuple[Ten
     return shift, scale
 
 
-class PretrainedVideoVAE(nn.Module):
-    """A diffusers video VAE with CausalVAE's methods: encode/decode/latent_shape/normalize.
+class PretrainedVideoVAE(VideoVAE):
+    """A diffusers video VAE behind the `VideoVAE` interface CausalVAE has: encode/decode/latent_shape/normalize.
 
     chunk_frames is accepted for interface parity and ignored: these models bound temporal
     memory themselves (Wan decodes frame by frame with a causal cache; CogVideoX batches
@@ -95,7 +96,7 @@ class PretrainedVideoVAE(nn.Module):
 
     def __init__(self, model: nn.Module, decode_timestep: float = 0.0, path: str | None = None):
         super().__init__()
-        self.class_name = type(model).__name__
+        self.class_name = self.display_name = type(model).__name__
         if self.class_name not in SUPPORTED_CLASSES:
             raise SoraError(f"pretrained vae class {self.class_name!r}: unsupported, expected one of {list(SUPPORTED_CLASSES)}")
         self.model = model
@@ -108,22 +109,6 @@ class PretrainedVideoVAE(nn.Module):
         shift, scale = _latent_stats(self.class_name, model, self.latent_channels)
         self.register_buffer("latent_shift", shift)
         self.register_buffer("latent_scale", scale)
-
-    # ------------------------------------------------------------------ shapes (as CausalVAE)
-
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        tf, sf = self.temporal_factor, self.spatial_factor
-        if num_frames < 1 or (num_frames - 1) % tf != 0:
-            raise SoraError(f"num_frames={num_frames}: {self.class_name} needs 1 + k*{tf} frames (1, {1 + tf}, {1 + 2 * tf}, ...)")
-        for name, v in (("height", height), ("width", width)):
-            if v < sf or v % sf != 0:
-                raise SoraError(f"{name}={v}: must be a positive multiple of {self.class_name}'s spatial_factor={sf}")
-        return 1 + (num_frames - 1) // tf, height // sf, width // sf
-
-    def pixel_shape(self, f: int, h: int, w: int) -> tuple[int, int, int]:
-        if f < 1 or h < 1 or w < 1:
-            raise SoraError(f"latent shape (f={f}, h={h}, w={w}): every dimension must be >= 1")
-        return 1 + (f - 1) * self.temporal_factor, h * self.spatial_factor, w * self.spatial_factor
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -146,9 +131,7 @@ class PretrainedVideoVAE(nn.Module):
 
     def encode(self, video: Tensor, chunk_frames: int | None = None, tile: int | None = None, tile_overlap: int | None = None) -> DiagonalGaussian:
         """(B, 3, F, H, W) in [-1, 1] -> posterior over (B, Cz, f, h, w); chunk_frames is ignored."""
-        if video.ndim != 5 or video.shape[1] != self.in_channels:
-            raise SoraError(f"video shape {tuple(video.shape)}: expected (B, {self.in_channels}, F, H, W)")
-        self.latent_shape(*video.shape[2:])
+        self._check_video(video)
         dtype = next(self.model.parameters()).dtype
         with self._tiling(tile, tile_overlap):
             dist = self.model.encode(video.to(dtype)).latent_dist
@@ -156,8 +139,7 @@ class PretrainedVideoVAE(nn.Module):
 
     def decode(self, z: Tensor, chunk_frames: int | None = None, tile: int | None = None, tile_overlap: int | None = None) -> Tensor:
         """(B, Cz, f, h, w) un-normalised latents -> (B, 3, F, H, W); chunk_frames is ignored."""
-        if z.ndim != 5 or z.shape[1] != self.latent_channels:
-            raise SoraError(f"latent shape {tuple(z.shape)}: expected (B, {self.latent_channels}, f, h, w)")
+        self._check_latent(z)
         dtype = next(self.model.parameters()).dtype
         kwargs = {}
         if self.model.config.get("timestep_conditioning", False) and "temb" in inspect.signature(self.model.decode).parameters:
@@ -165,29 +147,6 @@ class PretrainedVideoVAE(nn.Module):
         with self._tiling(tile, tile_overlap):
             out = self.model.decode(z.to(dtype), **kwargs).sample
         return out.to(z.dtype)
-
-    def forward(self, video: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
-        posterior = self.encode(video)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z), posterior
-
-    # ------------------------------------------------------------------ latent normalisation (as CausalVAE)
-
-    def normalize(self, z: Tensor) -> Tensor:
-        shape = (1, -1, 1, 1, 1)
-        return (z - self.latent_shift.view(shape).to(z.dtype)) * self.latent_scale.view(shape).to(z.dtype)
-
-    def denormalize(self, z: Tensor) -> Tensor:
-        shape = (1, -1, 1, 1, 1)
-        return z / self.latent_scale.view(shape).to(z.dtype) + self.latent_shift.view(shape).to(z.dtype)
-
-    @torch.no_grad()
-    def set_latent_stats(self, shift: Tensor, scale: Tensor) -> None:
-        for name, v in (("shift", shift), ("scale", scale)):
-            if torch.as_tensor(v).shape != (self.latent_channels,):
-                raise SoraError(f"latent {name} shape {tuple(torch.as_tensor(v).shape)}: expected ({self.latent_channels},)")
-        self.latent_shift.copy_(torch.as_tensor(shift))
-        self.latent_scale.copy_(torch.as_tensor(scale))
 
     def config(self) -> dict:
         """Arguments of `load_pretrained_vae` that rebuild this adapter (plus what was loaded)."""
