@@ -319,8 +319,7 @@ def recaption(
         for it in chunk:
             r = by_key.get(it.key)
             status, error, text = (r.status, r.error, r.text) if r is not None else (it.status, it.error, it.prompt)
-            if status == "fallback":
-                error = rewriter._redact(error or "unknown")  # backends scrub their errors; this is belt and braces
+            if status == "fallback":  # Rewriter redacts every fallback's error before returning it
                 run["fallback_reasons"][_fallback_reason(error)] += 1
             meta = _new_meta(it, status, error, text, identity, options)
             shard_set.write(it.key, it.members, meta, status=status)
