@@ -82,6 +82,8 @@ class IngestOptions:
     max_aspect: float = 8.0
     crf: int = 17  # H.264 quality of re-encoded clips: visually lossless at 17
     missing_caption: str = "reject"
+    blur_faces: bool = False  # blur detected faces in kept clips (sora_train.data.faces)
+    keep_pii: bool = False  # keep e-mails, phone numbers, URLs, ... in captions (default: scrubbed)
     # -- how (not hashed) --
     workers: int = 1
     stride: int = 1
@@ -257,7 +259,7 @@ def _ingest_task(task: dict[str, Any], context: dict[str, Any]) -> dict[str, Any
         if info.kind == "image":
             clips = [{"start": 0, "end": 1, "ext": info.ext, "data": data, "fps": 0.0, "num_frames": 1,
                       "width": info.width, "height": info.height}]
-            return {"status": "kept", "sha256": sha, "info": asdict(info), "clips": clips, "dropped": []}
+            return {"status": "kept", "sha256": sha, "info": asdict(info), "clips": _blur_faces(clips, opts), "dropped": []}
         cuts = cutter.cuts() if cutter else []
         kept, dropped = plan_clips(info.num_frames, info.fps, opts.clip_limits, cuts)
         if not kept:
@@ -273,9 +275,25 @@ def _ingest_task(task: dict[str, Any], context: dict[str, Any]) -> dict[str, Any
                       "num_frames": info.num_frames, "width": info.width, "height": info.height}]
         else:
             clips = _cut(data, info.pixels, info.fps, kept, opts.crf)
-        return {"status": "kept", "sha256": sha, "info": asdict(info), "clips": clips, "dropped": dropped}
+        return {"status": "kept", "sha256": sha, "info": asdict(info), "clips": _blur_faces(clips, opts), "dropped": dropped}
     except Rejected as r:
         return {"status": "rejected", "reason": r.reason, "detail": r.detail, "sha256": sha}
+
+
+def _blur_faces(clips: list[dict[str, Any]], opts: IngestOptions) -> list[dict[str, Any]]:
+    """--blur-faces: blur each clip's faces (re-encoded only when it has any) and count them."""
+    if not opts.blur_faces:
+        return clips
+    from sora_train.data.faces import FaceBlur, blur_media
+
+    blur = FaceBlur()
+    for c in clips:
+        try:
+            c["data"], c["ext"], c["width"], c["height"], stats = blur_media(c["data"], c["ext"], c["fps"], blur, opts.crf)
+        except Exception as e:
+            raise Rejected("encode_error", f"face blur: {short(e, 120)}") from None
+        c["faces"] = stats.to_dict()
+    return clips
 
 
 def _cut(data: bytes, pixels: str, fps: float, ranges: list[tuple[int, int]], crf: int) -> list[dict[str, Any]]:
@@ -419,7 +437,8 @@ def ingest(
     shard_set = ShardSetWriter(out, spec, SourceLedger, max_count=options.shard_max_count, max_bytes=options.shard_max_bytes)
     ledger: SourceLedger = shard_set.ledger  # type: ignore[assignment]
     run: dict[str, Any] = {"inputs": len(tasks), "other_files": other, "kept_sources": 0, "kept_clips": 0,
-                           "skipped": 0, "rejected": Counter(), "seconds_of_video": 0.0}
+                           "skipped": 0, "rejected": Counter(), "seconds_of_video": 0.0, "faces_blurred": 0, "clips_with_faces": 0,
+                           "pii_scrubbed": {}}
     reevaluated: set[str] = set()
     seen: dict[str, str] = {}
     context = {"options": options, "skip": frozenset(ledger.complete_sources())}
@@ -471,6 +490,9 @@ def _write_source(
     info, sha, cap = res["info"], res["sha256"], task["caption"]
     caption = cap["caption"] or ""
     captions = {"original": caption, **cap["captions"]} if cap["caption"] is not None else dict(cap["captions"])
+    extra = cap["extra"]
+    if not opts.keep_pii:  # personal data never reaches a shard (--keep-pii: recorded in index.json)
+        caption, captions, extra = _scrub_texts(caption, captions, extra, run["pii_scrubbed"])
     todo = [c for c in res["clips"] if clip_key(sha, c["start"], c["end"]) not in ledger.keys]  # not already on disk
     source = {"sha256": sha, "source": task["rel"], "total": len(todo)}
     ledger.begin(source)
@@ -491,8 +513,12 @@ def _write_source(
         }
         if "license" in cap:
             meta["license"] = cap["license"]
-        if cap["extra"]:
-            meta["extra"] = cap["extra"]
+        if extra:
+            meta["extra"] = extra
+        if "faces" in c:
+            meta["faces"] = c["faces"]
+            run["faces_blurred"] += c["faces"]["faces"]
+            run["clips_with_faces"] += bool(c["faces"]["detections"])
         out.write(key, {c["ext"]: c["data"]}, meta, group=source)
         run["kept_clips"] += 1
         run["seconds_of_video"] += duration
@@ -504,6 +530,23 @@ def _write_source(
         run["rejected"]["clip_too_short"] += 1
 
 
+def _scrub_texts(caption: str, captions: dict[str, str], extra: dict[str, Any], counts: dict[str, int]) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """Captions and string extra fields with personal data replaced; ``counts`` += what was."""
+    from sora_train.utils.pii import scrub_pii
+
+    memo: dict[str, str] = {}
+
+    def one(text: str) -> str:
+        if text not in memo:  # the same text under two names is counted once
+            memo[text], found = scrub_pii(text)
+            for kind, n in found.items():
+                counts[kind] = counts.get(kind, 0) + n
+        return memo[text]
+
+    return (one(caption), {k: one(v) for k, v in captions.items()},
+            {k: one(v) if isinstance(v, str) else v for k, v in extra.items()})
+
+
 def print_summary(index: dict[str, Any], run: dict[str, Any], out: Path) -> None:
     rows = [
         ("inputs", run["inputs"], ""),
@@ -512,6 +555,10 @@ def print_summary(index: dict[str, Any], run: dict[str, Any], out: Path) -> None
         ("skipped (already ingested)", run["skipped"], ""),
         ("hours of video", f"{run['seconds_of_video'] / 3600:.4f}", f"{index['hours']:.4f}"),
     ]
+    if run.get("clips_with_faces") or run.get("faces_blurred"):
+        rows.append(("clips with faces blurred", run["clips_with_faces"], ""))
+    if run.get("pii_scrubbed"):
+        rows.append(("personal data removed from captions", ", ".join(f"{k} {v}" for k, v in sorted(run["pii_scrubbed"].items())), ""))
     print_run_summary(f"ingest -> {display_path(out)}", rows, run, index,
                       top=("shapes F x H x W (top 10)", ("shape", "clips"), index["shape_histogram"]))
 
@@ -531,6 +578,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scene-split", action="store_true", help="cut at scene changes first (PySceneDetect ContentDetector)")
     g.add_argument("--scene-threshold", type=float, default=d.scene_threshold, help="ContentDetector threshold (lower: more cuts)")
     g.add_argument("--crf", type=int, default=d.crf, help="H.264 quality of re-encoded clips (lower: better, bigger)")
+    g = p.add_argument_group("privacy")
+    g.add_argument("--blur-faces", action="store_true", help="blur faces in kept clips (a bundled frontal-face detector; counts go into each sample's json)")
+    g.add_argument("--keep-pii", action="store_true", help="keep e-mail addresses, phone numbers, URLs and similar in captions (default: replaced by [email], ...)")
     g = p.add_argument_group("what is rejected")
     g.add_argument("--min-side", type=int, default=d.min_side, help="reject frames with a side under this (px)")
     g.add_argument("--max-side", type=int, default=d.max_side, help="reject frames with a side over this (px)")
@@ -551,6 +601,7 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
         max_clip_seconds=args.max_clip_seconds, min_clip_seconds=args.min_clip_seconds, min_frames=args.min_frames,
         scene_split=args.scene_split, scene_threshold=args.scene_threshold, min_side=args.min_side, max_side=args.max_side,
         max_aspect=args.max_aspect, crf=args.crf, missing_caption=args.missing_caption, workers=args.workers,
+        blur_faces=args.blur_faces, keep_pii=args.keep_pii,
         stride=args.stride, timeout=args.timeout, shard_max_count=args.shard_size, shard_max_bytes=int(args.shard_max_mb * 2**20),
     )
 

@@ -310,3 +310,56 @@ def test_isolated_pool_survives_crashes_and_hangs():
     assert out[1] == Crashed("decode_error", "the decoder crashed (SIGSEGV)")
     assert out[3].reason == "internal_error" and "ValueError: boom" in out[3].detail
     assert out[4].reason == "timeout"
+
+
+# ----------------------------------------------------------------------------- privacy
+def _captioned(folder: Path, name: str, frames, caption: str, extra: dict | None = None) -> Path:
+    from sora_train.data.video_io import encode_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.mp4").write_bytes(encode_video(frames, 10))
+    (folder / f"{name}.json").write_text(json.dumps({"caption": caption, **(extra or {})}))
+    return folder
+
+
+def test_personal_data_is_scrubbed_from_captions_unless_kept(corpus, tmp_path):
+    from conftest import moving_frames
+
+    src = _captioned(tmp_path / "src", "call", moving_frames(12), "a square, call +1 415 555 0132 or jane@example.com",
+                     {"author": "jane@example.com", "takes": 3})
+    out = tmp_path / "scrubbed"
+    assert main(["ingest", str(src), "--out", str(out), *corpus.ingest_args]) == 0
+    (s,) = read_set(out)
+    assert s["meta"]["caption"] == "a square, call [phone] or [email]" and s["meta"]["captions"]["original"] == s["meta"]["caption"]
+    assert s["meta"]["extra"] == {"author": "[email]", "takes": 3}
+    index = read_index(out)
+    assert index["options"]["keep_pii"] is False and index["runs"][-1]["pii_scrubbed"] == {"phone": 1, "email": 2}  # caption + author field
+    assert "jane@" not in "".join(p.read_text(errors="replace") for p in out.iterdir() if p.suffix in (".json", ".jsonl"))
+    kept = tmp_path / "kept"
+    assert main(["ingest", str(src), "--out", str(kept), "--keep-pii", *corpus.ingest_args]) == 0
+    (s,) = read_set(kept)
+    assert "jane@example.com" in s["meta"]["caption"] and read_index(kept)["options"]["keep_pii"] is True
+
+
+def test_blur_faces_blurs_and_counts(corpus, tmp_path):
+    pytest.importorskip("skimage")
+    import numpy as np
+    from skimage import data
+
+    from conftest import moving_frames
+    from sora_train.data.video_io import decode_video
+
+    face = np.ascontiguousarray(data.astronaut()[::2, ::2])  # a real photo with one frontal face
+    src = _captioned(tmp_path / "src", "face", np.repeat(face[None], 10, axis=0), "an astronaut")
+    _captioned(src, "square", moving_frames(10), "a square")
+    out = tmp_path / "blurred"
+    assert main(["ingest", str(src), "--out", str(out), "--blur-faces", *corpus.ingest_args]) == 0
+    by_caption = {s["meta"]["caption"]: s for s in read_set(out)}
+    astronaut, square = by_caption["an astronaut"], by_caption["a square"]
+    assert astronaut["meta"]["faces"]["faces"] >= 1 and astronaut["meta"]["faces"]["frames_blurred"] == 10
+    assert square["meta"]["faces"] == {"faces": 0, "detections": 0, "frames_blurred": 0}
+    assert square["media"] == (src / "square.mp4").read_bytes()  # no face: the original bytes
+    got = decode_video(astronaut["media"])[0, 30:82, 85:135].astype(float)
+    assert np.abs(np.diff(got, axis=1)).mean() < 0.35 * np.abs(np.diff(face[30:82, 85:135].astype(float), axis=1)).mean()
+    index = read_index(out)
+    assert index["options"]["blur_faces"] is True and index["runs"][-1]["clips_with_faces"] == 1
