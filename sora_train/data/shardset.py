@@ -246,8 +246,11 @@ class ShardSetWriter:
         theirs = {r.get("options_hash") for r in ledger.rows} - {spec.options_hash}
         record = self.out / spec.record_name if spec.record_name else None
         if record is not None and record.is_file():
-            old = json.loads(record.read_text(encoding="utf-8"))
-            theirs |= {"in " + spec.record_name} if old != new else set()
+            try:
+                old = json.loads(record.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SoraError(f"{record}: not valid JSON ({e}); use a new directory") from None
+            theirs |= {"in " + record.name} if old != new else set()
         else:
             old = self._read_index().get("options") or {}
         if not theirs:
