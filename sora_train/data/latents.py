@@ -33,7 +33,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -244,6 +245,45 @@ def check_latent_set(shard_dir: str, expected_vae_hash: str | None, vae_source: 
     return index
 
 
+@dataclass(frozen=True)
+class LatentSetCheck:
+    """Which VAE (and text encoder) a run's latent sets must come from.
+
+    Args:
+        vae_ckpt: the run's VAE export; its `vae` part's fingerprint must equal every latent
+            set's `vae_hash`. ``expected_vae_hash`` gives it directly (and wins). With neither,
+            nothing is checked (a warning says so).
+        expected_text_hash: refuse cached text embeddings of another text encoder.
+    """
+
+    vae_ckpt: str | None = None
+    expected_vae_hash: str | None = None
+    expected_text_hash: str | None = None
+
+    def expected_vae(self) -> tuple[str | None, str]:
+        """(the VAE hash latents must carry, how the message names its source)."""
+        if self.expected_vae_hash:
+            return self.expected_vae_hash, f"data.expected_vae_hash ({self.expected_vae_hash[:16]})"
+        if self.vae_ckpt:
+            return export_fingerprint(self.vae_ckpt, "vae"), f"vae_ckpt={self.vae_ckpt}"
+        return None, ""
+
+    def check(self, specs: Iterable[str | Sequence[str] | None]) -> None:
+        """Refuse every local latent set behind ``specs`` (None: no such split) not made by that VAE."""
+        expected, source = self.expected_vae()
+        if expected is None:
+            log.warning("data: neither vae_ckpt nor data.expected_vae_hash is set, so the latent shards' VAE is not checked")
+        for spec in specs:
+            if spec is None:
+                continue
+            dirs = index_dirs(spec)
+            if dirs is None:
+                log.warning("data: %s is remote; its VAE hash cannot be checked here", spec)
+                continue
+            for d in dirs:
+                check_latent_set(d, expected, source, self.expected_text_hash)
+
+
 class LatentDataModule(VideoDataModule):
     """Batches of cached latents for DiT training, refusing latents of another VAE.
 
@@ -252,10 +292,8 @@ class LatentDataModule(VideoDataModule):
             clips; None = one bucket per shape in the train set's index.json.
         batch_size: batch size of buckets without one (else ``tokens_per_batch`` decides, in
             pixel volume F*H*W as for videos, so the same run gets the same batch sizes).
-        vae_ckpt: the run's VAE export; its `vae` part's fingerprint must equal every latent
-            set's `vae_hash` (checked in ``setup``). ``expected_vae_hash`` gives it directly.
-            With neither, the hash is not checked (a warning says so).
-        expected_text_hash: refuse cached text embeddings of another text encoder.
+        vae_ckpt, expected_vae_hash, expected_text_hash: which VAE and text encoder the
+            latent sets must come from, checked in ``setup`` (see :class:`LatentSetCheck`).
         load_text: emit cached "text_emb"/"text_mask" when the shards hold them.
         text_pad_to: pad cached text to at least this many tokens (static shapes).
     """
@@ -289,9 +327,7 @@ class LatentDataModule(VideoDataModule):
         if batch_size is not None and int(batch_size) < 1:
             raise SoraError(f"data.batch_size={batch_size}: must be >= 1")
         self.batch_size = batch_size
-        self.vae_ckpt = str(vae_ckpt) if vae_ckpt else None
-        self.expected_vae_hash = expected_vae_hash
-        self.expected_text_hash = expected_text_hash
+        self.latent_check = LatentSetCheck(str(vae_ckpt) if vae_ckpt else None, expected_vae_hash, expected_text_hash)
         self.load_text = load_text
         self.text_pad_to = text_pad_to
 
@@ -325,28 +361,9 @@ class LatentDataModule(VideoDataModule):
         image_ratio = self.image_ratio
         return BucketTable(cfg, self.tokens_per_batch, image_ratio, weights)
 
-    def expected_hash(self) -> tuple[str | None, str]:
-        """(the VAE hash latents must carry, how the message names its source)."""
-        if self.expected_vae_hash:
-            return self.expected_vae_hash, f"data.expected_vae_hash ({self.expected_vae_hash[:16]})"
-        if self.vae_ckpt:
-            return export_fingerprint(self.vae_ckpt, "vae"), f"vae_ckpt={self.vae_ckpt}"
-        return None, ""
-
     def check_sets(self) -> None:
         """Refuse every local latent set (train and val) not made by the run's VAE."""
-        expected, source = self.expected_hash()
-        if expected is None:
-            log.warning("data: neither vae_ckpt nor data.expected_vae_hash is set, so the latent shards' VAE is not checked")
-        for spec in (self.train_spec, self.val_spec):
-            if spec is None:
-                continue
-            dirs = index_dirs(spec)
-            if dirs is None:
-                log.warning("data: %s is remote; its VAE hash cannot be checked here", spec)
-                continue
-            for d in dirs:
-                check_latent_set(d, expected, source, self.expected_text_hash)
+        self.latent_check.check([self.train_spec, self.val_spec])
 
     def make_dataset(self, shards: str | list[str], buckets: BucketTable, train: bool) -> LatentShardDataset:
         return LatentShardDataset(
@@ -360,6 +377,7 @@ __all__ = [
     "LATENT_MEMBERS",
     "TEXT_MEMBER",
     "LatentDataModule",
+    "LatentSetCheck",
     "LatentShardDataset",
     "check_latent_set",
     "decode_latent",
