@@ -67,3 +67,15 @@ def test_watermark_is_invisible_enough(marked):
     back = decode_video(marked.read_bytes())
     psnr = 10 * np.log10(255.0**2 / np.mean((back.astype(float) - src) ** 2))
     assert psnr > 32.0
+
+
+def test_black_backgrounds_carry_it_pure_white_does_not():
+    """Shapes-world-like frames (a shape on black) keep the mark through CRF 28; a mostly pure
+    white frame cannot carry it (see the watermark module's docstring) and reads as absent."""
+    frames = np.zeros((9, 256, 256, 3), np.uint8)
+    for t in range(9):
+        frames[t, 100:150, 40 + 8 * t : 90 + 8 * t] = (230, 40, 40)
+    again = decode_video(encode_video(wm.embed(frames, MODEL), 8.0, crf=28))
+    assert wm.bit_accuracy(again, MODEL) >= 0.95 and wm.detect(again).model_id == "c0ffee"
+    white = 255 - frames
+    assert not wm.detect(decode_video(encode_video(wm.embed(white, MODEL), 8.0, crf=28))).present
