@@ -250,6 +250,11 @@ def _new_meta(item: _Item, status: str, error: str | None, text: str, identity: 
     if status == "fallback":
         info["error"] = short(error or "unknown", 200)
     else:
+        from sora_train.utils.pii import scrub
+
+        # A re-writer's text can invent an address or a number; personal data never reaches a shard
+        # (the user's own captions stay as ingest left them, --keep-pii included).
+        text = scrub(text)
         captions[CAPTION_SOURCE] = text
         meta["caption"] = text
     meta["captions"] = captions

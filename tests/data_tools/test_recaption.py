@@ -78,6 +78,7 @@ class ChatServer:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.fail: set[str] = set()
+        self.suffix = ""  # appended to every reply
         self._lock = threading.Lock()
         outer = self
 
@@ -99,7 +100,7 @@ class ChatServer:
                 if failing:
                     data = json.dumps({"error": f"overloaded; got {self.headers.get('Authorization')}"}).encode()
                     return self._send(500, data)
-                reply = f"Sure! Here is the caption:\n\n\"[{prompt}] {DENSE} Seen in {len(images)} frames.\""
+                reply = f"Sure! Here is the caption:\n\n\"[{prompt}] {DENSE} Seen in {len(images)} frames.{outer.suffix}\""
                 self._send(200, json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode())
 
             def _send(self, code: int, data: bytes) -> None:
@@ -371,3 +372,15 @@ def test_training_reads_the_recaptioned_set(template_set, tmp_path):
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     assert (run_dir / "checkpoints" / "step=00000002.ckpt").is_file()
     assert "rewritten: 0.8" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+
+def test_rewritten_captions_are_scrubbed_of_personal_data(shapes_train, server, tmp_path, monkeypatch):
+    """A re-writer that invents an address or a link: neither reaches the shards."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    server.suffix = " Filmed by bot@example.com, more at https://example.org/clips"
+    out = tmp_path / "scrubbed"
+    assert main(["recaption", str(shapes_train), "--out", str(out), "--rewriter", "openai", "--rewriter-opt", "model=tiny",
+                 "--rewriter-opt", f"base_url={server.url}", "--rewriter-opt", f"api_key_env={KEY_ENV}", "--limit", "2"]) == 0
+    for sample in read_set(out).values():
+        caption = sample["meta"]["captions"]["rewritten"]
+        assert caption.endswith("Filmed by [email], more at [url]") and sample["meta"]["caption"] == caption
