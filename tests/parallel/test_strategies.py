@@ -125,12 +125,14 @@ def test_build_strategy_rejects_unknown_names_and_options():
 
 def test_every_strategy_config_instantiates(ds_cpu_env):
     import hydra.utils
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
 
     files = sorted(STRATEGY_CONF.glob("*.yaml"))
     assert {f.stem for f in files} == set(STRATEGY_NAMES)
     for f in files:
-        cfg = OmegaConf.load(f)
+        # Composed as Hydra does: the deepspeed_* options include _base_/deepspeed.yaml.
+        with initialize_config_dir(config_dir=str(STRATEGY_CONF.parent), version_base="1.3"):
+            cfg = compose(overrides=[f"+strategy={f.stem}"]).strategy
         assert cfg.name == f.stem
         strategy = hydra.utils.instantiate(cfg, accelerator="cpu")  # GPU machines too: test the CPU build
         if f.stem == "auto":
