@@ -93,7 +93,19 @@ def export_checkpoint(cfg: DictConfig, ckpt: str | os.PathLike, out_dir: str | o
     if cfg.get("vae_ckpt") and not os.path.exists(str(cfg.vae_ckpt)):
         log.warning("vae_ckpt=%s no longer exists: the VAE is built from the config and loaded from the checkpoint", cfg.vae_ckpt)
         cfg.vae_ckpt = None
+    import lightning.pytorch as pl
+
+    # Frozen parts (the DiT's VAE and text encoder) are not in checkpoints: built as training
+    # built them (same seed, same order), or loaded from vae_ckpt / text.path.
+    pl.seed_everything(int(cfg.get("seed", 0)), verbose=False)
     module = build_module(cfg)
+    for name in getattr(module, "_frozen", {}):  # checkpoints from before frozen parts left the model
+        prefix = f"{name}."
+        old = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        if old:
+            getattr(module, name).load_state_dict(old)
+    for key in [k for k in state if k.startswith("loss.")]:  # a VAE run's discriminator (older checkpoints): not exported
+        del state[key]
     ema_cfg = (cfg.get("callbacks") or {}).get("ema") or {}
     if any(k.startswith("ema.") for k in state) and getattr(module, "ema", None) is None:
         ema = copy.deepcopy(getattr(module, ema_cfg.get("attr", "dit")))

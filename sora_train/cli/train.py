@@ -71,8 +71,7 @@ def build_module(cfg: DictConfig):
 
         # Adapters into the DiT's block Linears; every other weight, the text encoder's too, frozen.
         settings = add_lora(module.dit, **OmegaConf.to_container(cfg.lora, resolve=True))
-        module.text_encoder.trainable = False
-        module.text_encoder.requires_grad_(False).eval()
+        module.freeze_text_encoder()
         trainable = sum(p.numel() for p in module.dit.parameters() if p.requires_grad)
         log.info("LoRA rank %d: %.2f M trainable of %.2f M DiT parameters", settings["rank"], trainable / 1e6, sum(p.numel() for p in module.dit.parameters()) / 1e6)
     return module
@@ -148,6 +147,19 @@ def record_run_paths(cfg: DictConfig, run_dir: Path) -> Path:
     return atomic_write_json(run_dir / ".hydra" / RUN_PATHS_FILE, values)
 
 
+def check_accelerator(cfg: DictConfig) -> None:
+    """``trainer=gpu`` on a machine without a usable GPU: one line that says so, before
+    anything is built (Lightning's own message comes after data and models, as a traceback)."""
+    import torch
+
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SoraError(
+            f"trainer.accelerator={accelerator} (trainer=gpu) but this machine has no usable CUDA GPU "
+            f"(torch {torch.__version__}, cuda available: False); on CPU use trainer=cpu or trainer.accelerator=cpu"
+        )
+
+
 def train(cfg: DictConfig) -> float | None:
     """Build data -> model -> callbacks -> loggers -> trainer, fit, export; returns the metric
     a sweeper optimises (``optimized_metric``)."""
@@ -162,6 +174,7 @@ def train(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     # The frozen VAE (and a frozen text encoder) stay in eval mode on purpose (DiTModule.train).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    check_accelerator(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record_run_paths(cfg, run_dir)

@@ -1,8 +1,17 @@
 """The DiT training task: encode -> sample t -> noise -> predict -> loss.
 
-Frozen parts (the VAE, a pretrained text encoder) are held here but never optimised; the DiT
-(and a small built-in text encoder, when one is used) is. EMA, sample videos, throughput and
+Frozen parts (the VAE, a frozen text encoder) are held here but never optimised; the DiT
+(and a small built-in text encoder, when it trains) is. EMA, sample videos, throughput and
 checkpoint policy live in callbacks.
+
+Precision: frozen parts are kept *outside* the module tree the strategy wraps (``_frozen``), so
+no strategy casts, shards or checkpoints them: DeepSpeed's bf16 mode casts every parameter of
+the module it is given and runs it without autocast, and ZeRO-3 would partition a frozen T5
+like a trained weight. Each frozen part runs in its own dtype (``vae_dtype``, ``text_dtype``)
+with autocast off; everything made inside a step is cast to the dtype of the weights it
+reaches (``sora_train.utils.precision``), and the loss is computed in fp32. Their weights come
+back from where they were loaded (``vae_ckpt``, ``text.path``, the seeded config), not from
+training checkpoints.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from torch import nn
 from sora_train.diffusion.flow import FlowMatching, loss_by_timestep_bins
 from sora_train.diffusion.masks import ConditionSampler
 from sora_train.training.log_steps import writes_logs
+from sora_train.utils.precision import autocast_off, module_device, module_dtype, parse_dtype
 
 DEFAULT_LOSS_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -35,6 +45,11 @@ class DiTModule(pl.LightningModule):
         caption_dropout: probability of training on the empty caption, so classifier-free
             guidance has an unconditional model to contrast with.
         loss_bins: timestep bin edges for ``train/loss_t{a}-{b}``.
+        vae_dtype: the frozen VAE's weights and encode: ``float32`` (default: the latents are
+            the training targets, and the encode is a small part of a step's cost) or
+            ``bfloat16`` (half the memory and faster on GPUs).
+        text_dtype: a frozen text encoder's weights: null keeps the encoder's own (an HF
+            encoder's ``dtype`` option, float32 for the tiny one), or float32 / bfloat16.
     """
 
     def __init__(
@@ -48,14 +63,15 @@ class DiTModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         caption_dropout: float = 0.1,
         loss_bins: tuple[float, ...] = DEFAULT_LOSS_BINS,
+        vae_dtype: str = "float32",
+        text_dtype: str | None = None,
     ) -> None:
         super().__init__()
+        self._frozen: dict[str, nn.Module] = {}  # not submodules: see the module docstring
+        self.vae_dtype = parse_dtype(vae_dtype, "task.vae_dtype")
+        self.text_dtype = parse_dtype(text_dtype, "task.text_dtype") if text_dtype else None
         self.vae = vae
-        if vae is not None:
-            vae.requires_grad_(False).eval()
         self.text_encoder = text_encoder
-        if not getattr(text_encoder, "trainable", True):
-            text_encoder.requires_grad_(False).eval()
         latent_channels = vae.latent_channels if vae is not None else None
         if not isinstance(dit, nn.Module):
             if latent_channels is None:
@@ -69,16 +85,78 @@ class DiTModule(pl.LightningModule):
         self.caption_dropout = caption_dropout
         self.loss_bins = tuple(loss_bins)
 
+    # -- frozen parts ---------------------------------------------------------------------------
+    @property
+    def vae(self) -> nn.Module | None:
+        return self._frozen.get("vae")
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        trained = self._modules.get("text_encoder")
+        return trained if trained is not None else self._frozen["text_encoder"]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module would register these as submodules; route them instead.
+        if name == "vae":
+            self._frozen.pop("vae", None)
+            if value is not None:
+                self._frozen["vae"] = value.requires_grad_(False).eval()
+        elif name == "text_encoder":
+            self._modules.pop("text_encoder", None)
+            self._frozen.pop("text_encoder", None)
+            if getattr(value, "trainable", True):
+                super().__setattr__(name, value)  # a submodule: trained (and checkpointed) with the DiT
+            else:
+                self._frozen["text_encoder"] = value.requires_grad_(False).eval()
+        else:
+            super().__setattr__(name, value)
+
+    def freeze_text_encoder(self) -> None:
+        """Stop training the text encoder (LoRA runs): it becomes a frozen part."""
+        te = self.text_encoder
+        te.trainable = False
+        self.text_encoder = te
+
+    def place_frozen(self, device: torch.device | str) -> None:
+        """Move the frozen parts to ``device`` in their own dtypes (the strategy moves the rest)."""
+        if self.vae is not None:
+            self.vae.to(device=device, dtype=self.vae_dtype)
+        te = self._frozen.get("text_encoder")
+        if te is not None:
+            te.to(device=device, dtype=self.text_dtype) if self.text_dtype else te.to(device=device)
+
+    def setup(self, stage: str) -> None:
+        self.place_frozen(self.trainer.strategy.root_device)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the frozen parts left the module tree hold their weights;
+        # they are reloaded from their sources now, so those keys are not part of the model.
+        frozen = tuple(f"{name}." for name in self._frozen)
+        state = checkpoint.get("state_dict")
+        if frozen and state:
+            for key in [k for k in state if k.startswith(frozen)]:
+                del state[key]
+
     # -- the recipe ---------------------------------------------------------------------------
     @torch.no_grad()
     def encode_video(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Batch -> normalised latents (B, C, f, h, w): from latent shards or through the VAE."""
+        """Batch -> normalised latents (B, C, f, h, w) in fp32: from latent shards or through the VAE."""
         if "latent" in batch:
             return batch["latent"].float()
         assert self.vae is not None, "pixel batches need a VAE"
-        self.vae.eval()
-        posterior = self.vae.encode(batch["video"])  # (B, C, f, h, w)
-        return self.vae.normalize(posterior.sample())
+        video = batch["video"]  # (B, 3, F, H, W)
+        if module_device(self.vae) != video.device:
+            self.place_frozen(video.device)
+        with autocast_off(video.device):
+            posterior = self.vae.encode(video.to(module_dtype(self.vae)))  # (B, C, f, h, w)
+            return self.vae.normalize(posterior.sample()).float()
+
+    def call_dit(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor:
+        """The DiT on inputs cast to its weights' dtype (bf16 under DeepSpeed's bf16 mode);
+        the velocity comes back in fp32 for the loss. t stays fp32: the timestep embedding
+        computes its sinusoids in fp32 and casts them itself."""
+        dtype = module_dtype(self.dit)
+        return self.dit(x.to(dtype), t, text.to(dtype), text_mask, cond_mask).float()  # (B, C, f, h, w)
 
     def encode_text(self, captions: list[str], cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (emb (B, L, D), mask (B, L)); caption dropout replaces some with "".
@@ -109,8 +187,9 @@ class DiTModule(pl.LightningModule):
             return out, out_mask
         if getattr(self.text_encoder, "trainable", True):
             return self.text_encoder(captions)
-        with torch.no_grad():
-            return self.text_encoder(captions)
+        te = self.text_encoder
+        with torch.no_grad(), autocast_off(module_device(te)):
+            return te(captions)
 
     def diffusion_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         latents = self.encode_video(batch)  # (B, C, f, h, w)
@@ -122,7 +201,7 @@ class DiTModule(pl.LightningModule):
         num_tokens = (f // pt) * (h // ph) * (w // pw)
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.dit(x_t, t, text, text_mask, cond_mask)
+            return self.call_dit(x_t, t, text, text_mask, cond_mask)
 
         out = self.flow.training_losses(model_fn, latents, cond_mask=cond_mask, num_tokens=num_tokens)
         out["num_tokens"] = torch.tensor(num_tokens * B)
@@ -149,7 +228,7 @@ class DiTModule(pl.LightningModule):
         noise = torch.randn(latents.shape, generator=g).to(latents)
 
         def model_fn(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-            return self.dit(x_t, tt, text, text_mask, None)
+            return self.call_dit(x_t, tt, text, text_mask, None)
 
         out = self.flow.training_losses(model_fn, latents, cond_mask=None, noise=noise, t=t.to(latents))
         self.log("val/loss", out["loss"], prog_bar=True, batch_size=B, sync_dist=True)
@@ -173,8 +252,6 @@ class DiTModule(pl.LightningModule):
 
     def train(self, mode: bool = True):  # frozen parts stay in eval mode
         super().train(mode)
-        if self.vae is not None:
-            self.vae.eval()
-        if not getattr(self.text_encoder, "trainable", True):
-            self.text_encoder.eval()
+        for part in self._frozen.values():
+            part.eval()
         return self

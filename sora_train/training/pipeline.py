@@ -32,6 +32,7 @@ from sora_train.diffusion import FlowMatching, sample
 from sora_train.provenance import AI_LABEL  # noqa: F401  re-exported: the label every generated video carries
 from sora_train.utils.errors import SoraError
 from sora_train.utils.pii import scrub
+from sora_train.utils.precision import autocast_off, module_device, module_dtype
 
 MODES = ("t2v", "i2v", "extend_forward", "extend_backward", "interpolate", "edit")
 
@@ -210,36 +211,40 @@ class VideoPipeline:
         pixels, cond = self._context(mode, num_frames, height, width, image, last_image, video, context_latents)
         context = cond_mask = x_init = None
         start_t = 1.0
+        device = module_device(self.dit)
         if pixels is not None:
-            context = self.vae.normalize(self.vae.encode(pixels).mode()).expand(B, -1, -1, -1, -1)  # (B, C, f, h, w)
-            cond_mask = cond[None].expand(B, -1)  # (B, f)
+            context = self._encode(pixels).to(device).expand(B, -1, -1, -1, -1)  # (B, C, f, h, w)
+            cond_mask = cond[None].expand(B, -1).to(device)  # (B, f)
         if mode == "edit":
             vid = _clip(video, height, width, "video")
             if vid.shape[1] < num_frames:
                 raise SoraError(f"edit: the video has {vid.shape[1]} frames, fewer than the {num_frames} requested")
-            x_init = self.vae.normalize(self.vae.encode(vid[None, :, :num_frames]).mode()).expand(B, -1, -1, -1, -1)
+            x_init = self._encode(vid[None, :, :num_frames]).to(device).expand(B, -1, -1, -1, -1)
             if not 0.0 <= strength <= 1.0:
                 raise SoraError(f"edit strength must be in [0, 1], got {strength}")
             start_t = float(strength)
 
-        cond_text = self.text_encoder(prompts)  # (B, L, D), (B, L)
-        uncond_text = self.text_encoder([negative_prompt] * B)
+        # The DiT runs in its weights' dtype (bf16 after DeepSpeed's bf16 training); the sampler
+        # integrates in fp32.
+        dtype = module_dtype(self.dit)
+        cond_text = self._text(prompts, device, dtype)  # (B, L, D), (B, L)
+        uncond_text = self._text([negative_prompt] * B, device, dtype)
         both_text = self._pad_cat(cond_text, uncond_text)  # (2B, L, D), (2B, L)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, guided: bool):
             if not guided:
-                return self.dit(x, t, cond_text[0], cond_text[1], cond_mask)
+                return self.dit(x.to(dtype), t, cond_text[0], cond_text[1], cond_mask).float()
             cm = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
-            v = self.dit(torch.cat([x, x]), torch.cat([t, t]), both_text[0], both_text[1], cm)  # (2B, C, f, h, w)
+            v = self.dit(torch.cat([x, x]).to(dtype), torch.cat([t, t]), both_text[0], both_text[1], cm).float()  # (2B, C, f, h, w)
             return v.chunk(2)
 
         g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn((B, C, f, h, w), generator=g)
+        noise = torch.randn((B, C, f, h, w), generator=g).to(device)  # drawn on the CPU: the same video on any device
         pt, ph, pw = self.dit.patch_size
         shift = self.flow.sampling_shift((f // pt) * (h // ph) * (w // pw), shift)
         x0 = sample(model_fn, noise, steps=steps, method=method, shift=shift, guidance_scale=guidance_scale,
                     context=context, cond_mask=cond_mask, start_t=start_t, x_init=x_init, progress=progress)
-        out = self.vae.decode(self.vae.denormalize(x0)).clamp(-1, 1)  # (B, 3, F, H, W)
+        out = self._decode(x0)  # (B, 3, F, H, W)
 
         if mode == "extend_forward":
             vid = _clip(video, height, width, "video")
@@ -255,6 +260,25 @@ class VideoPipeline:
         if mode == "edit":
             settings["strength"] = strength
         return Generation(out, prompts, original, mode, int(seed), settings)
+
+    # -- models at their boundaries ----------------------------------------------------------------
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, C, f, h, w), fp32, on the
+        VAE's device; the VAE runs in its own dtype."""
+        with autocast_off(module_device(self.vae)):
+            z = self.vae.encode(pixels.to(module_device(self.vae), module_dtype(self.vae))).mode()
+            return self.vae.normalize(z).float()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> (B, 3, F, H, W) in [-1, 1], fp32 on the CPU."""
+        with autocast_off(module_device(self.vae)):
+            z = self.vae.denormalize(latents.to(module_device(self.vae), module_dtype(self.vae)))
+            return self.vae.decode(z).float().clamp(-1, 1).cpu()
+
+    def _text(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast_off(module_device(self.text_encoder)):
+            emb, mask = self.text_encoder(prompts)  # (B, L, D), (B, L)
+        return emb.to(device, dtype), mask.to(device)
 
     # -- writing ----------------------------------------------------------------------------------
     def save(self, gen: Generation, out_dir: str | Path, fps: float = 8.0, stem: str = "sample", strip: bool = True, provenance: Any = None) -> list[Path]:

@@ -75,7 +75,8 @@ class DiagonalGaussian:
         Summed (not averaged) so it is the true per-sample KL; `losses.kl_loss` divides by
         the number of pixel values to put it on the scale of a per-pixel reconstruction loss.
         """
-        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)  # (B, Cz, f, h, w)
+        mean, logvar = self.mean.float(), self.logvar.float()  # a sum over every latent value: fp32 even for a bf16 VAE
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, Cz, f, h, w)
         return kl.flatten(1).sum(dim=1)  # (B,)
 
 

@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from sora_train.training.log_steps import is_optimizer_step
 from sora_train.utils.errors import SoraError
 from sora_train.utils.logging import get_logger
 
@@ -119,7 +120,7 @@ class CheckpointPolicy(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not (self.save_on_sigterm or self.every_n_minutes) or trainer.fit_loop._should_accumulate():
+        if not (self.save_on_sigterm or self.every_n_minutes) or not is_optimizer_step(trainer, batch_idx):
             return  # checkpoints are taken between optimizer steps
         time_due = False
         if self.every_n_minutes:

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from sora_train.training.log_steps import writes_logs
+from sora_train.training.log_steps import is_optimizer_step, writes_logs
 from sora_train.utils.errors import SoraError
 
 
@@ -38,7 +38,7 @@ class NaNGuard(pl.Callback):
         self.total = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.log_grad_norm and _is_deepspeed(trainer) and not trainer.fit_loop._should_accumulate() and writes_logs(trainer):
+        if self.log_grad_norm and _is_deepspeed(trainer) and is_optimizer_step(trainer, batch_idx) and writes_logs(trainer):
             norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()
             if norm is not None:
                 pl_module.log("train/grad_norm", float(norm))

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 
+from sora_train.training.log_steps import is_optimizer_step
+
 
 class SampleVideos(pl.Callback):
     """Args:
@@ -79,7 +81,7 @@ class SampleVideos(pl.Callback):
                 logger.experiment.log({"samples/video": [wandb.Video(str(p), caption=scrub(c), format="mp4") for p, c in zip(paths, self.prompts)], "trainer/global_step": trainer.global_step})
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.fit_loop._should_accumulate() \
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and is_optimizer_step(trainer, batch_idx) \
                 and self._ranks_sample(trainer, pl_module):
             self.sample(trainer, pl_module)
 
