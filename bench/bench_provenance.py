@@ -131,6 +131,10 @@ def generated_clips(n_pipeline: int, n_shapes: int, frames: int = 9, size: int =
     return clips
 
 
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / max(1e-9, np.mean((a.astype(float) - b) ** 2))))
+
+
 def bench_watermark(args) -> None:
     from sora_train.data.video_io import decode_video, encode_video
     from sora_train.provenance import Provenance, write_generated_video
@@ -148,7 +152,7 @@ def bench_watermark(args) -> None:
             t_embed += time.perf_counter() - t
             assert rep.watermarked, rep.notes
             written = decode_video(path.read_bytes())
-            psnr = 10 * np.log10(255.0**2 / max(1e-9, np.mean((written.astype(float) - frames) ** 2)))
+            psnr = _psnr(wm.embed(frames, MODEL_HASH), frames), _psnr(written, frames)
             accs = {}
             for container in ("mp4", "mkv"):
                 again = decode_video(encode_video(written, 8.0, container=container, crf=28))
@@ -157,27 +161,33 @@ def bench_watermark(args) -> None:
             rows.append((name, psnr, accs))
     print(f"{len(rows)} generated videos, {gen[0][1].shape[0]} frames of {gen[0][1].shape[2]}x{gen[0][1].shape[1]}; "
           f"write_generated_video {1000 * t_embed / sum(len(f) for _, f in gen):.0f} ms/frame (watermark + encode)")
-    print("| video | PSNR of marked+encoded vs generated (dB) | bit acc. CRF 28 mp4 | bit acc. CRF 28 mkv | detected (mp4, mkv) | model id read |")
+    print("| video | PSNR (dB): watermark alone / written file | bit acc. CRF 28 mp4 | bit acc. CRF 28 mkv | detected (mp4, mkv) | model id read |")
     print("|---|---|---|---|---|---|")
     for name, psnr, a in rows:
         d1, d2 = a["mp4_detect"], a["mkv_detect"]
-        print(f"| {name} | {psnr:.1f} | {a['mp4']:.3f} | {a['mkv']:.3f} | {d1.present}, {d2.present} | {d1.model_id}, {d2.model_id} |")
+        print(f"| {name} | {psnr[0]:.1f} / {psnr[1]:.1f} | {a['mp4']:.3f} | {a['mkv']:.3f} | {d1.present}, {d2.present} | {d1.model_id}, {d2.model_id} |")
     mp4 = [a["mp4"] for _, _, a in rows]
     mkv = [a["mkv"] for _, _, a in rows]
     print(f"bit accuracy after CRF 28: mp4 mean {np.mean(mp4):.4f} min {np.min(mp4):.4f}; mkv mean {np.mean(mkv):.4f} min {np.min(mkv):.4f}; "
           f"videos >= 0.95: {sum(x >= 0.95 for x in mp4)}/{len(mp4)} (mp4), {sum(x >= 0.95 for x in mkv)}/{len(mkv)} (mkv)")
+    # The known limitation: mostly pure-white frames (see sora_train/provenance/watermark.py).
+    white = [255 - f for _, f in gen[-2:]]
+    accs = [wm.bit_accuracy(decode_video(encode_video(wm.embed(f, MODEL_HASH), 8.0, crf=28)), MODEL_HASH) for f in white]
+    print(f"limitation, not in the count above: the last 2 shapes clips inverted (a shape on pure white): bit accuracy {accs[0]:.3f}, {accs[1]:.3f}")
 
     real = real_clips(args.opencv_data)
     print(f"\n{len(real)} real clips (no model made them), as decoded and after a CRF 28 re-encode:")
     print("| clip | magic bits matched (of 24) | after CRF 28 | detected |")
     print("|---|---|---|---|")
     false = 0
+    most = 0
     for name, frames in real:
         r0 = wm.detect(frames)
         r1 = wm.detect(decode_video(encode_video(frames, 8.0, crf=28)))
         false += r0.present + r1.present
+        most = max(most, r0.magic_match, r1.magic_match)
         print(f"| {name} | {r0.magic_match} | {r1.magic_match} | {r0.present or r1.present} |")
-    print(f"false detections: {false} of {2 * len(real)} reads")
+    print(f"false detections: {false} of {2 * len(real)} reads; most magic bits matched by chance: {most}/24 (threshold {wm.MAGIC_MIN_MATCH})")
 
 
 def bench_c2pa(args) -> None:
