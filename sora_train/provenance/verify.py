@@ -94,10 +94,16 @@ def read_manifest(data: bytes, mime: str, trust_anchors_pem: str | None = None) 
 
 
 def _read_frames(data: bytes):
-    from sora_train.data.video_io import decode_image, decode_video
+    """At most MAX_READ_FRAMES evenly spaced RGB frames (a long video is never held whole), or
+    None when the bytes are neither a video nor an image we can decode."""
+    import numpy as np
+
+    from sora_train.data.video_io import decode_image, decode_video, probe_video
 
     try:
-        return decode_video(data, backend="pyav")
+        n = probe_video(data, backend="pyav").num_frames
+        idx = np.unique(np.linspace(0, max(0, n - 1), min(max(n, 1), _wm.MAX_READ_FRAMES)).round().astype(int))
+        return decode_video(data, idx.tolist(), backend="pyav")
     except Exception:
         pass
     try:
@@ -128,7 +134,8 @@ def inspect_file(path: str | os.PathLike, trust_anchors_pem: str | None = None, 
     reading = _wm.detect(frames) if watermark else None
     wm = reading.to_dict() if reading else None
     if manifest.ours and manifest.trusted is not False:
-        return FileReport(str(path), OURS, "valid C2PA manifest of ours" + (" (trusted signer)" if manifest.trusted else ""), manifest, wm, label)
+        signer = " (trusted signer)" if manifest.trusted else " (signer not checked: give --trust CA.pem)"
+        return FileReport(str(path), OURS, "valid C2PA manifest of ours" + signer, manifest, wm, label)
     if reading is not None and reading.present:
         why = "watermark found"
         if manifest.present and not manifest.valid:
