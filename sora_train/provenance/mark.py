@@ -12,6 +12,7 @@ identity is configured.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -159,8 +160,6 @@ def mark_image_file(path: str | os.PathLike, claims: dict[str, Any], provenance:
     path = Path(path)
     claims = {"label": AI_IMAGE_LABEL, **scrub_claims(claims)}
     notes: list[str] = []
-    import io
-
     with Image.open(path) as im:
         info = PngInfo()
         info.add_text("Comment", AI_IMAGE_LABEL)

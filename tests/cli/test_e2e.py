@@ -185,6 +185,9 @@ def test_sample_is_signed_watermarked_and_scrubbed(smoke_run, tmp_path):
     spec.loader.exec_module(helpers)
     pki = helpers.make_pki(tmp_path / "pki")
     run_dir, _ = smoke_run
+    # The samples written during training went the same way: labelled (32x32: no watermark).
+    trained = sorted((run_dir / "samples").rglob("*.mp4"))[0]
+    assert read_container_metadata(trained.read_bytes())["comment"].startswith("AI-generated")
     out = tmp_path / "out"
     env = {"SORA_C2PA_CERT": str(pki.cert), "SORA_C2PA_KEY": str(pki.key)}
     p = run([str(BIN / "sora-sample"), "--ckpt", str(run_dir / "export"), "--prompt", "a red circle, by jane@example.com", "--frames", "5",
