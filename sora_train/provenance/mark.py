@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,11 @@ UNSIGNED_WARNING = (f"provenance: outputs are not C2PA-signed (set {_sign.ENV_CE
 _warned: set[str] = set()
 
 
-def warn_once(message: str) -> None:
-    """Log ``message`` as a warning the first time it is seen in this process."""
+def warn_once(message: str, level: int = logging.WARNING) -> None:
+    """Log ``message`` (a warning by default) the first time it is seen in this process."""
     if message not in _warned:
         _warned.add(message)
-        log.warning(message)
+        log.log(level, message)
 
 
 @dataclass
@@ -133,6 +134,8 @@ def write_generated_video(path: str | os.PathLike, frames: np.ndarray, fps: floa
         small = _wm.too_small_reason(frames.shape[1], frames.shape[2])
         if small:
             notes.append(f"watermark skipped: {small}")  # documented: tiny (shapes-world) videos carry label + manifest
+            warn_once(f"provenance: no invisible watermark in {frames.shape[2]}x{frames.shape[1]} videos (below the minimum of "
+                      f"256x256 in area); they carry the AI-generated label and the C2PA manifest", logging.INFO)
         else:
             try:
                 frames = _wm.embed(frames, claims.get("model_sha256") or claims.get("model_id") or "")

@@ -53,12 +53,18 @@ def test_not_found_in_unmarked_video():
     assert not wm.detect(flat).present
 
 
-def test_too_small_is_skipped_with_a_reason(tmp_path):
+def test_too_small_is_skipped_with_a_reason(tmp_path, caplog):
+    import logging
+
     small = textured_video(0, frames=3, size=32)
     with pytest.raises(SoraError, match="below the watermark's minimum"):
         wm.embed(small, MODEL)
-    rep = write_generated_video(tmp_path / "s.mp4", small, 8.0, {"prompt": "p"})
-    assert rep.path.is_file() and not rep.watermarked and rep.notes[0].startswith("watermark skipped: 32x32")
+    with caplog.at_level(logging.INFO, logger="sora_train.provenance"):
+        for name in ("s.mp4", "t.mp4"):
+            rep = write_generated_video(tmp_path / name, small, 8.0, {"prompt": "p"})
+            assert rep.path.is_file() and not rep.watermarked and rep.notes[0].startswith("watermark skipped: 32x32")
+    said = [r.getMessage() for r in caplog.records if "no invisible watermark" in r.getMessage()]
+    assert len(said) == 1 and "32x32" in said[0] and "\n" not in said[0]  # one line, once per run
     assert wm.detect(small).reason
 
 
