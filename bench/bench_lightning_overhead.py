@@ -31,7 +31,7 @@ LOG_EVERY = 10  # conf/trainer/default.yaml: log_every_n_steps
 def build(args: argparse.Namespace):
     from hydra import compose, initialize_config_module
 
-    from sora_train.cli.train import build_module
+    from sora_train.cli.build import build_module
 
     overrides = ["experiment=smoke", f"dit={args.dit}", f"vae={args.vae}"]
     with initialize_config_module(config_module="sora_train.conf", version_base="1.3"):

@@ -132,7 +132,7 @@ def build_rewriter(name: str, overrides: list[str], concurrency: int | None = No
     from hydra.errors import InstantiationException
     from omegaconf.errors import OmegaConfBaseException
 
-    from sora_train.cli.sample import load_rewriter
+    from sora_train.rewrite.options import rewriter_from_option
 
     for o in overrides:
         if "=" not in o:
@@ -142,7 +142,7 @@ def build_rewriter(name: str, overrides: list[str], concurrency: int | None = No
             raise SoraError(f"--concurrency {concurrency} must be >= 1")
         overrides = [*overrides, f"concurrency={concurrency}"]
     try:
-        return load_rewriter(name, list(overrides))
+        return rewriter_from_option(name, list(overrides))
     except SoraError as e:  # a bad override; do not echo what looks like a credential typed on the command line
         msg = str(e)
         for o in overrides:

@@ -26,6 +26,7 @@ import numpy as np
 from rich.progress import Progress
 
 from sora_train.cli.common import one_line_errors
+from sora_train.rewrite.options import rewriter_from_option
 from sora_train.utils.errors import SoraError
 
 
@@ -60,24 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out", default="outputs/samples", help="output directory")
     return p
-
-
-def load_rewriter(name: str | None, overrides: list[str]):
-    if not name:
-        return None
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="sora_train.conf", version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[f"rewriter={name}"] + [f"rewriter.{o}" for o in overrides])
-    except Exception as e:
-        raise SoraError(f"--rewriter {name}: {str(e).splitlines()[0]}") from None
-    finally:
-        GlobalHydra.instance().clear()
-    return instantiate(cfg.rewriter)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -131,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prompts = [scrub(p) for p in read_prompts(args)]
     default_provenance().warn_if_unsigned()  # a bad or missing signing identity: one line, before the slow part
-    pipe = VideoPipeline.from_export(args.ckpt, use_ema=not args.no_ema, rewriter=load_rewriter(args.rewriter, args.rewriter_opt), vae_path=args.vae)
+    pipe = VideoPipeline.from_export(args.ckpt, use_ema=not args.no_ema, rewriter=rewriter_from_option(args.rewriter, args.rewriter_opt), vae_path=args.vae)
     shape = pipe.meta.get("train_shape") or {}
     frames = args.frames or shape.get("num_frames") or 1 + 4 * pipe.vae.temporal_factor
     height = args.height or shape.get("height") or 32

@@ -51,6 +51,39 @@ class FlowMatching:
             raise SoraError(f"diffusion.sampler has unknown key {unknown[0]!r}; valid: {list(SAMPLER_KEYS)}")
         self.sampling_shift(None)  # a bad sampler.shift fails here, not at the first sample
 
+    def config(self) -> dict:
+        """The settings as plain data (what an export records; `from_config` reads it back)."""
+        return {"timestep_sampler": self.timestep_sampler.config(), "shift_base_tokens": self.shift_base_tokens, "base_shift": self.base_shift,
+                "max_shift": self.max_shift, "use_token_shift": self.use_token_shift, "sampler": dict(self.sampler_defaults)}
+
+    @classmethod
+    def from_config(cls, settings: Mapping | None, source: str = "diffusion settings") -> "FlowMatching":
+        """Rebuild from `config()` data, validated key by key: nothing named in it is imported
+        or called. Exports written before exports held plain data carry Hydra's `_target_`
+        keys; those are accepted only where they name these very classes.
+
+        Raises:
+            SoraError: an unknown key, a foreign `_target_`, or a value of the wrong kind.
+        """
+        settings = dict(settings or {})
+        _check_target(settings, _FLOW_TARGETS, source)
+        ts = settings.pop("timestep_sampler", None)
+        if ts is not None:
+            if not isinstance(ts, Mapping):
+                raise SoraError(f"{source}: timestep_sampler must be a mapping, got {type(ts).__name__}")
+            ts = dict(ts)
+            _check_target(ts, _SAMPLER_TARGETS, f"{source}: timestep_sampler")
+            _check_keys(ts, ("kind", "mean", "std"), f"{source}: timestep_sampler")
+            ts = TimestepSampler(**ts)
+        _check_keys(settings, ("shift_base_tokens", "base_shift", "max_shift", "use_token_shift", "sampler"), source)
+        sampler = settings.get("sampler")
+        if sampler is not None and not isinstance(sampler, Mapping):
+            raise SoraError(f"{source}: sampler must be a mapping, got {type(sampler).__name__}")
+        for key, value in {**settings, **(sampler or {})}.items():
+            if key != "sampler" and not (value is None or isinstance(value, (bool, int, float, str))):
+                raise SoraError(f"{source}: {key} must be a number or a string, got {type(value).__name__}")
+        return cls(timestep_sampler=ts, **settings)
+
     def shift_for(self, num_tokens: int | None) -> float:
         """The training timestep shift for samples of `num_tokens` DiT tokens."""
         if not self.use_token_shift or num_tokens is None:
@@ -122,6 +155,26 @@ class FlowMatching:
             f"FlowMatching({self.timestep_sampler!r}, shift_base_tokens={self.shift_base_tokens}, "
             f"base_shift={self.base_shift}, max_shift={self.max_shift}, use_token_shift={self.use_token_shift})"
         )
+
+
+# Hydra targets that an old export's diffusion settings may name: these classes, nothing else.
+_FLOW_TARGETS = ("sora_train.diffusion.FlowMatching", "sora_train.diffusion.flow.FlowMatching")
+_SAMPLER_TARGETS = ("sora_train.diffusion.TimestepSampler", "sora_train.diffusion.timesteps.TimestepSampler")
+
+
+def _check_target(settings: dict, allowed: tuple[str, ...], source: str) -> None:
+    """Drop Hydra's bookkeeping keys, refusing any `_target_` but the allowed class paths."""
+    target = settings.pop("_target_", None)
+    if target is not None and target not in allowed:
+        raise SoraError(f"{source}: refusing _target_={target!r}; an export's diffusion settings are data, only {allowed[0]} is known")
+    for key in [k for k in settings if isinstance(k, str) and k.startswith("_") and k.endswith("_")]:
+        raise SoraError(f"{source}: refusing key {key!r}; an export's diffusion settings are data")
+
+
+def _check_keys(settings: dict, known: tuple[str, ...], source: str) -> None:
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise SoraError(f"{source}: unknown key {unknown[0]!r}; valid: {list(known)}")
 
 
 DEFAULT_BIN_EDGES = tuple(i / 10 for i in range(11))

@@ -35,6 +35,9 @@ class TimestepSampler:
             t = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, device=gen_device))
         return t.to(device) if device is not None else t
 
+    def config(self) -> dict:
+        return {"kind": self.kind, "mean": self.mean, "std": self.std}
+
     def __repr__(self) -> str:
         return f"TimestepSampler(kind={self.kind!r}, mean={self.mean}, std={self.std})"
 

@@ -11,6 +11,7 @@ nothing a user is handed is ever unpickled. Layout of an export directory (read 
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from sora_train.utils.errors import SoraError
-from sora_train.utils.exports import CONFIG_NAME, WEIGHTS_NAME, read_export_spec
+from sora_train.utils.exports import CONFIG_NAME, WEIGHTS_NAME, is_derived_key, read_export_spec
 from sora_train.utils.io import atomic_write_json, sha256_file
 
 
@@ -28,13 +29,32 @@ def class_path(obj: Any) -> str:
 
 
 def import_class(path: str) -> type:
+    """The model class an export names: a ``torch.nn.Module`` subclass defined under
+    ``sora_train.models`` and nothing else (not a function, not another package's class), so
+    building a part from a crafted model.json can only ever construct one of our models."""
     module, _, name = path.rpartition(".")
-    if not module.startswith("sora_train."):
-        raise SoraError(f"{CONFIG_NAME}: refusing to build {path!r}: only sora_train classes are allowed")
+    if not module.startswith("sora_train.models."):
+        raise SoraError(f"{CONFIG_NAME}: refusing to build {path!r}: only sora_train.models classes are allowed")
     try:
-        return getattr(importlib.import_module(module), name)
+        obj = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise SoraError(f"{CONFIG_NAME}: cannot import {path!r} ({e})") from e
+    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
+        raise SoraError(f"{CONFIG_NAME}: refusing to build {path!r}: not a model class")
+    return obj
+
+
+def _check_config(cls: type, config: Any, where: str) -> dict[str, Any]:
+    """A part's constructor arguments: a mapping of names the constructor takes (no catch-all)."""
+    if not isinstance(config, dict):
+        raise SoraError(f"{where}: config must be a mapping, got {type(config).__name__}")
+    config = {k: v for k, v in config.items() if k not in getattr(cls, "RETIRED_CONFIG_KEYS", ())}
+    params = inspect.signature(cls.__init__).parameters
+    named = {n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(config) - named)
+    if unknown:
+        raise SoraError(f"{where}: unknown argument {unknown[0]!r} for {cls.__name__}; valid: {sorted(named)}")
+    return config
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -76,25 +96,27 @@ def load_parts(export_dir: str | Path, names: list[str] | None = None, map_locat
 
     d = Path(export_dir)
     spec = read_export_spec(d)
-    state = load_file(str(d / WEIGHTS_NAME), device=map_location)
+    try:
+        state = load_file(str(d / WEIGHTS_NAME), device=map_location)
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise SoraError(f"{d / WEIGHTS_NAME}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        "re-export or re-copy it") from None
     modules: dict[str, nn.Module] = {}
     for name, part in spec["parts"].items():
         if names is not None and name not in names:
             continue
+        if not isinstance(part, dict) or not isinstance(part.get("target"), str):
+            raise SoraError(f"{d / CONFIG_NAME}: part {name!r} must be {{\"target\": \"pkg.Class\", \"config\": {{...}}}}")
         cls = import_class(part["target"])
-        module = cls(**part["config"])
+        module = cls(**_check_config(cls, part.get("config", {}), f"{d / CONFIG_NAME}: part {name!r}"))
         prefix = f"{name}."
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             missing, unexpected = module.load_state_dict(sub, strict=False)
-            if unexpected or [m for m in missing if not _is_derived(m)]:
+            if unexpected or [m for m in missing if not is_derived_key(m)]:
                 raise SoraError(f"{d / WEIGHTS_NAME}: part {name!r} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         modules[name] = module.eval()
     meta = dict(spec.get("meta", {}))
     meta["weights_sha256"] = sha256_file(d / WEIGHTS_NAME)
     return modules, meta
 
-
-def _is_derived(key: str) -> bool:
-    # Non-persistent caches (e.g. rotary tables) are rebuilt by the module itself.
-    return key.endswith(("_cache", ".freqs"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import types
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -304,13 +305,15 @@ def checkpoint_block(block: nn.Module) -> nn.Module:
     """
     if getattr(block, "_sora_checkpointed", False):
         return block
-    inner = block.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():  # eval / sampling: nothing to save, skip the wrapper
-            return inner(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-    block.forward = forward  # type: ignore[method-assign]
+    # A method bound to the block, not a closure over it: copy.deepcopy (the EMA copy of a
+    # checkpointed DiT) rebinds it to the copy, where a closure would keep running the original.
+    block.forward = types.MethodType(_checkpointed_forward, block)  # type: ignore[method-assign]
     block._sora_checkpointed = True
     return block
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    inner = type(self).forward.__get__(self)
+    if not torch.is_grad_enabled():  # eval / sampling: nothing to save, skip the wrapper
+        return inner(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)

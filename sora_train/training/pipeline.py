@@ -66,8 +66,6 @@ class VideoPipeline:
 
     @classmethod
     def from_export(cls, path: str | Path, use_ema: bool = True, rewriter: Any = None, vae_path: str | Path | None = None) -> "VideoPipeline":
-        from hydra.utils import instantiate
-
         from sora_train.models.export import load_parts
 
         parts, meta = load_parts(path)
@@ -77,8 +75,7 @@ class VideoPipeline:
         if missing:
             raise SoraError(f"{path}: export lacks part(s) {missing}; sampling needs a DiT export (vae, text, dit)")
         dit = parts["ema"] if (use_ema and "ema" in parts) else parts["dit"]
-        diffusion = meta.get("diffusion")
-        flow = instantiate(diffusion) if diffusion else FlowMatching()
+        flow = FlowMatching.from_config(meta.get("diffusion"), f"{path}: model.json meta.diffusion")  # data, validated: nothing it names is called
         meta["weights"] = "ema" if dit is parts.get("ema") else "dit"
         return cls(parts["vae"], parts["text"], dit, flow, rewriter, meta)
 

@@ -33,6 +33,12 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
 
 
+def is_derived_key(key: str) -> bool:
+    """A state-dict key a module rebuilds itself (non-persistent caches, e.g. rotary tables):
+    absent from exports and checkpoints without being missing."""
+    return key.endswith(("_cache", ".freqs"))
+
+
 def read_export_spec(export_dir: str | os.PathLike) -> dict[str, Any]:
     """model.json of an export directory (``{"parts": {...}, "meta": {...}}``), checked to be one."""
     d = Path(export_dir)

@@ -74,7 +74,7 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
                 assert instantiate(sub) is not None, name
         return
     if group == "task":
-        from sora_train.cli.train import build_module
+        from sora_train.cli.build import build_module
 
         module = build_module(cfg)  # the task's LightningModule with every part built
         assert isinstance(module, get_class(node._target_))
@@ -94,10 +94,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
 
 def _check_experiment(cfg, tmp_path):
     """An experiment composes, its data module builds and its model's parts instantiate."""
-    from sora_train.cli.train import _is_vae_task
+    from sora_train.cli.build import is_vae_config
 
     assert instantiate(cfg.data) is not None
-    if _is_vae_task(cfg):
+    if is_vae_config(cfg):
         vae = instantiate(cfg.vae)
         assert vae.num_params() > 0
         return
@@ -170,8 +170,7 @@ def test_saved_config_holds_no_secret(monkeypatch, tmp_path):
 def test_export_rebuilds_with_the_paths_the_run_resolved(monkeypatch, tmp_path):
     """vae_ckpt: ${oc.env:SORA_QUALITY_DIR,...}/vae/export must mean, to sora-export, what it
     meant in training, whatever the variable is (or is not) in the exporting shell."""
-    from sora_train.cli.export import load_run_config
-    from sora_train.cli.train import record_run_paths
+    from sora_train.cli.build import load_run_config, record_run_paths
     from sora_train.utils.errors import SoraError
 
     monkeypatch.setenv("SORA_QUALITY_DIR", str(tmp_path / "q"))

@@ -64,6 +64,22 @@ def _vae_export(root: Path) -> Path:
     return export_parts(root / "vae_export", {"vae": build_vae("debug")}, meta={"task": "vae"})
 
 
+def _export_100m(root: Path) -> Path:
+    """A DiT export of the 100M size (random weights) with the smoke run's VAE and text encoder."""
+    import torch
+
+    from sora_train.diffusion import FlowMatching
+    from sora_train.models.dit import build_dit
+    from sora_train.models.export import export_parts
+    from sora_train.models.text import TinyTextEncoder
+    from sora_train.models.vae import build_vae
+
+    torch.manual_seed(0)
+    vae, text = build_vae("debug"), TinyTextEncoder(dim=32, depth=1, num_heads=2, trainable=False)
+    dit = build_dit("100M", in_channels=vae.latent_channels, text_dim=text.dim)
+    return export_parts(root / "export_100M", {"vae": vae, "text": text, "dit": dit}, {"task": "dit", "diffusion": FlowMatching().config()})
+
+
 def _cache_latents(data: Path, vae: Path, out: Path) -> None:
     for split in ("train", "val"):
         subprocess.run([str(BIN / "sora-data"), "cache-latents", str(data / "shapes_smoke" / split), "--vae", str(vae), "--out", str(out / split),
@@ -109,8 +125,9 @@ def _experiment_overrides(name: str, data: Path, latents: Path, vae: Path, expor
         "vae_shapes": ("auto", f"vae=debug {video} ~data.prepare"),
         "shapes_quality_vae": ("auto", f"vae=debug {video} ~data.prepare"),
         "shapes_quality": ("auto", f"{small} vae_ckpt={vae} data.train_shards={latents}/train data.val_shards={latents}/val data.load_text=false"),
-        "finetune_full": ("auto", f"vae_ckpt={vae} init_from={exports}/demo/export {video}"),
-        "finetune_lora": ("auto", f"vae_ckpt={vae} init_from={exports}/demo/export {video}"),
+        # init_from gives the architecture: no size is named (finetune_lora starts from a 100M-size export)
+        "finetune_full": ("auto", f"init_from={exports}/demo/export {video}"),
+        "finetune_lora": ("auto", f"init_from={exports}/../export_100M {video}"),
         # trainer=gpu experiments: their own strategy and bf16-mixed, on 2 CPU ranks
         "pretrain_100M": ("ranks2", f"{small} trainer.accelerator=cpu trainer.devices=2 {video} {samples}"),
         "pretrain_1B": ("ranks2", f"{small} trainer.accelerator=cpu trainer.devices=2 {video} {samples}"),
@@ -150,6 +167,7 @@ def runs(tmp_path_factory):
     vae = _vae_export(root)
     latents = root / "latents"
     _cache_latents(data, vae, latents)
+    _export_100m(root)
     out = root / "runs"
     exps = root / "experiments"
     groups: dict[str, list[tuple[str, str]]] = {"auto": [], "ranks2": []}
@@ -215,6 +233,11 @@ def test_every_experiment_trains_with_its_own_strategy_and_precision(runs, name)
     used = json.loads(saved.read_text())
     assert used["strategy"] == own.strategy.name and used["precision"] == str(own.trainer.precision), used
     assert (runs["exps"] / name / "export" / "model.json").is_file()
+    if name.startswith("finetune"):  # the architecture came from init_from's model.json, not from a restated size
+        src = runs["root"] / ("export_100M" if name == "finetune_lora" else "experiments/demo/export")
+        dit = json.loads((src / "model.json").read_text())["parts"]["dit"]
+        got = json.loads((runs["exps"] / name / "export" / "model.json").read_text())["parts"]["dit"]
+        assert got == dit, (got, dit)
 
 
 def test_ema_accumulates_in_fp32_under_deepspeed_bf16(runs):

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from sora_train.utils.errors import SoraError
 from sora_train.utils.kwargs import constructor_kwargs
@@ -236,9 +235,12 @@ class DiT(nn.Module):
         rope_theta: base period of the rotary embedding.
         modulation: "per_block" (a D -> 6D adaLN Linear in every block, DiT) or "shared"
             (one D -> 6D Linear for all blocks plus a per-block table, adaLN-single).
-        activation_checkpointing: recompute each block in backward (saves activation memory).
         out_channels: predicted channels (default: in_channels).
     """
+
+    # Constructor arguments of earlier versions that exports may still record; ignored on load.
+    # activation_checkpointing: applied from outside now (parallel.activation_checkpointing).
+    RETIRED_CONFIG_KEYS = ("activation_checkpointing",)
 
     def __init__(
         self,
@@ -252,7 +254,6 @@ class DiT(nn.Module):
         qk_norm: bool = True,
         cond_channels: int = 1,
         rope_theta: float = 10000.0,
-        activation_checkpointing: bool = False,
         out_channels: int | None = None,
         modulation: str = "per_block",
     ):
@@ -276,7 +277,6 @@ class DiT(nn.Module):
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.text_dim, self.qk_norm, self.cond_channels = text_dim, qk_norm, cond_channels
         self.rope_theta = rope_theta
-        self.activation_checkpointing = activation_checkpointing
         self.head_dim = head_dim
         p = math.prod(patch_size)
 
@@ -416,11 +416,8 @@ class DiT(nn.Module):
         c = F.silu(c)  # (B, D): the SiLU of every adaLN "SiLU -> Linear", computed once
         block_c = c if self.shared_modulation is None else self.shared_modulation(c)  # (B, D) or (B, 6D)
 
-        for block in self.blocks:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, block_c, context, attn_mask, rope, use_reentrant=False)  # (B, N, D)
-            else:
-                x = block(x, block_c, context, attn_mask, rope)  # (B, N, D)
+        for block in self.blocks:  # activation checkpointing and compile wrap blocks from outside (apply_parallelism)
+            x = block(x, block_c, context, attn_mask, rope)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*C_out)
         return self.unpatchify(x, grid)  # (B, C_out, f, h, w)
 
