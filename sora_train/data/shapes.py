@@ -42,7 +42,7 @@ import numpy as np
 from sora_train.data.shards import INDEX_NAME, REJECTS_NAME, ShardWriter
 from sora_train.data.video_io import encode_video
 from sora_train.utils.errors import SoraError
-from sora_train.utils.io import sha256_bytes
+from sora_train.utils.io import file_lock, sha256_bytes
 
 # Bump when rendering, captions or sampling change: it is part of the options stored in
 # index.json, so ensure_shapes_dataset regenerates stale sets instead of reusing them.
@@ -522,6 +522,9 @@ def _clear_split(split_dir: Path) -> None:
             p.unlink()
 
 
+PREPARE_LOCK = ".prepare.lock"  # under a shapes root: held while one process generates it
+
+
 def ensure_shapes_dataset(root: str | os.PathLike, num_train: int, num_val: int, progress: bool = False, **settings: Any) -> Path:
     """Generate the shapes dataset under ``root`` (as :func:`generate_shards`) unless an
     identical one is already there.
@@ -529,12 +532,24 @@ def ensure_shapes_dataset(root: str | os.PathLike, num_train: int, num_val: int,
     "Identical" means every split's index.json records the same options (counts, seed,
     world, held-out pairs, codec, generator version); anything else is cleared and
     regenerated, so a changed config never silently trains on stale clips.
+
+    Any number of processes (sweep trials, ranks, nodes on a shared filesystem) may call this
+    at once on a missing or half-written set: the check and the generation happen under one
+    lock file, ``<root>/.prepare.lock``, so exactly one generates and the others wait, then
+    find the set complete. A generator killed half-way releases the lock with its process;
+    the next caller sees no matching index and generates again.
     """
     root = Path(root)
     expected = ShapesSetSpec(num_train, num_val, **settings).options()
-    if all(_index_options(root / s) == {**expected, "split": s} for s in SPLITS):
+
+    def complete() -> bool:
+        return all(_index_options(root / s) == {**expected, "split": s} for s in SPLITS)
+
+    if complete():  # the common case takes no lock (a finished set is only ever read)
         return root
-    generate_shards(root, num_train, num_val, progress=progress, **settings)
+    with file_lock(root / PREPARE_LOCK, what=f"writing the shapes data set {root}"):
+        if not complete():
+            generate_shards(root, num_train, num_val, progress=progress, **settings)
     return root
 
 

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import secrets
 import tarfile
 import time
 from collections import Counter
@@ -122,6 +123,7 @@ class ShardWriter:
         self._shard_idx = start_index
         self._tar: tarfile.TarFile | None = None
         self._tmp_path: Path | None = None
+        self._final_path: Path | None = None
         self._count = 0
         self._bytes = 0
         self.shards: list[dict[str, Any]] = []
@@ -169,7 +171,10 @@ class ShardWriter:
     def _next_shard(self) -> None:
         self._finish_shard()
         name = f"{self.prefix}-{self._shard_idx:06d}.tar"
-        self._tmp_path = self.out_dir / f".{name}.tmp"
+        # A temporary name of this writer's own: two writers racing on one directory (which
+        # callers prevent with a lock) still never write into, or rename, each other's file.
+        self._tmp_path = self.out_dir / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        self._final_path = self.out_dir / name
         self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.PAX_FORMAT)
         self._count, self._bytes = 0, 0
         self._shard_idx += 1
@@ -179,7 +184,8 @@ class ShardWriter:
             return
         self._tar.close()
         assert self._tmp_path is not None
-        final = self._tmp_path.with_name(self._tmp_path.name[1:-4])
+        final = self._final_path
+        assert final is not None
         with open(self._tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(self._tmp_path, final)

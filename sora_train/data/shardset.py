@@ -219,7 +219,7 @@ class ShardSetWriter:
         if not any((out / m).exists() for m in markers) and (shards or (out / INDEX_NAME).exists()):
             raise SoraError(f"{spec.label} holds a shard set not written by {spec.tool} (no {LEDGER_NAME}); use an empty or new directory")
         self._check_identity(ledger)
-        for tmp in out.glob(f".{SHARD_PREFIX}-*.tar.tmp"):  # the shard being written when a run was killed
+        for tmp in out.glob(f".{SHARD_PREFIX}-*.tar*.tmp"):  # the shard being written when a run was killed
             tmp.unlink()
         known = {shard for shard, _ in ledger.entries()}
         missing = known - {s.name for s in shards}

@@ -312,3 +312,46 @@ def test_ensure_shapes_dataset_generates_once_and_regenerates_on_change(tmp_path
     assert len(calls) == 2
     assert read_index(root / "train")["num_samples"] == 6
     assert sorted(p.name for p in (root / "train").glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+
+
+_RACE = """
+import sys, time
+from pathlib import Path
+from sora_train.data import shapes
+from sora_train.data.shards import shard_paths
+root, log, start = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+real = shapes.generate_shards
+def slow(*a, **k):
+    with open(log, "a") as f:
+        f.write("generated\\n")
+    time.sleep(1.0)  # hold the set half-written while the others arrive
+    return real(*a, **k)
+shapes.generate_shards = slow
+while time.time() < start:  # all three look at the empty directory at the same moment
+    time.sleep(0.01)
+missing = not (root / "train" / "index.json").exists()
+shapes.ensure_shapes_dataset(root, 10, 2, seed=1, clips_per_shard=4)
+print(len(shard_paths(root / "train")), missing)
+"""
+
+
+def test_ensure_shapes_dataset_three_processes_at_once_generate_it_once(tmp_path):
+    """Sweep trials, ranks and nodes all prepare the same set: one writes, the others wait.
+
+    Without the lock, each would clear and rewrite the other's shards (the sweep's
+    ``FileNotFoundError: .../val/.shard-000000.tar.tmp``). ~4 s, mostly three interpreters.
+    """
+    import subprocess
+    import sys
+    import time
+
+    root, log = tmp_path / "shapes", tmp_path / "log"
+    start = time.time() + 5.0  # past every interpreter's imports
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(root), str(log), str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outs]
+    assert log.read_text().splitlines() == ["generated"]  # exactly one process wrote the set
+    assert [o.strip() for o, _ in outs] == ["3 True"] * 3  # each found it missing, each returned it complete
+    assert read_index(root / "train")["num_samples"] == 10 and read_index(root / "val")["num_samples"] == 2
+    assert not list(root.rglob("*.tmp"))
