@@ -588,8 +588,9 @@ def _shift_max(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """Largest 8-connected component of each frame's mask (F, H, W) bool -> same shape.
+def _component_labels(mask: np.ndarray) -> np.ndarray:
+    """8-connected components of each frame's mask (F, H, W) bool -> (F, H, W) int64 labels,
+    0 outside the mask; pixels of one component share one label.
 
     Label propagation with pointer jumping: every pixel's label is the flat index (+1) of a
     pixel in its own component; each step takes the neighbourhood maximum and then follows
@@ -605,6 +606,12 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
         if np.array_equal(grown, labels):
             break
         labels = grown
+    return labels
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 8-connected component of each frame's mask (F, H, W) bool -> same shape."""
+    labels = _component_labels(mask)
     out = np.zeros_like(mask)
     for f in range(mask.shape[0]):
         lab = labels[f][mask[f]]
@@ -789,6 +796,26 @@ class AttributeReader:
             err = min(float(np.abs(alpha - _gaussian_blur(tmpl, s)).sum()) for s in self.blur_sigmas)
             scores[shape] = err / float(tr.areas[frames].sum())
         return scores
+
+    def count_objects(self, frames: Any, layout: str = "FHWC", min_pixels: int = 3) -> np.ndarray:
+        """(F,) the number of separate objects in each frame: 8-connected blobs of at least
+        ``min_pixels`` pixels that stand out from the backdrop by the same rule as the object
+        the reader tracks. A shapes clip shows one; a cross-fade, a duplicated or an invented
+        object shows more, an empty frame none."""
+        x = self.as_pixels(frames, layout)  # (F, H, W, 3)
+        bg = np.median(x.reshape(-1, 3), axis=0)  # (3,)
+        dist = np.linalg.norm(x - bg, axis=-1)  # (F, H, W)
+        peak = float(np.percentile(dist, 99.5))
+        med = float(np.median(dist))
+        noise = med + 4 * 1.4826 * float(np.median(np.abs(dist - med)))
+        if peak < self.min_contrast * 255 or peak < 2 * noise:
+            return np.zeros(x.shape[0], dtype=np.int64)
+        labels = _component_labels(dist > max(0.5 * peak, noise))  # (F, H, W)
+        counts = np.zeros(x.shape[0], dtype=np.int64)
+        for f in range(x.shape[0]):
+            _, sizes = np.unique(labels[f][labels[f] > 0], return_counts=True)
+            counts[f] = int((sizes >= min_pixels).sum())
+        return counts
 
     def read(self, frames: Any, layout: str = "FHWC") -> dict[str, Any]:
         """Attributes of one clip (see the class docstring for how each is measured).

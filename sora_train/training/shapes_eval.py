@@ -58,7 +58,13 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "seen direction accuracy": ("t2v.seen.accuracy.direction", ">=", 0.90),
     "seen shape accuracy": ("t2v.seen.accuracy.shape", ">=", 0.85),
     "held-out joint accuracy": ("t2v.heldout.accuracy.joint", ">=", 0.70),
-    "i2v frame-0 PSNR (dB)": ("i2v.frame0_psnr_db", ">=", 28.0),
+    # Image-to-video scored for what it must do (frame-0 PSNR only measures the VAE round trip:
+    # latent frame 0 is the image's own encoding and the decoder is causal; it stays in the
+    # report as a sanity figure): the image's subject is what the last frames show, it moves as
+    # the caption says, and no object appears that was not there.
+    "i2v subject kept to the last frames": ("i2v.subject_kept_last", ">=", 0.90),
+    "i2v direction accuracy": ("i2v.direction_accuracy", ">=", 0.80),
+    "one object per frame (i2v, extension, interpolation)": ("modes.one_object_frac", ">=", 0.95),
     "extension seam error (px)": ("extend.seam_error_px", "<=", 2.0),
     "interpolation mid-frame error (x path)": ("interpolate.mid_error_frac", "<=", 0.10),
     "VAE reconstruction PSNR (dB)": ("vae.recon_psnr_db", ">=", 32.0),
@@ -388,7 +394,14 @@ def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequ
     kw = dict(steps=s.steps, guidance_scale=s.guidance_scale, shift=s.shift)
     samples: list[tuple[str, np.ndarray]] = []
 
-    psnrs, i2v_dir, i2v_keep = [], [], []
+    tail = max(3, F // 4)  # "the last frames": enough for the reader's per-clip votes
+    one_object: dict[str, list[float]] = {"i2v": [], "extend": [], "interpolate": []}
+
+    def subject_kept(frames: np.ndarray, attrs: ShapeAttrs) -> bool:
+        got = reader.read(frames)
+        return got["colour"] == attrs.colour and got["shape"] == attrs.shape and got["size"] == attrs.size
+
+    psnrs, i2v_dir, i2v_keep, i2v_last = [], [], [], []
     for i, attrs in enumerate(mode_combos(seen, n, s.seed, _MODE_STREAMS["i2v"])):
         clip = render_clip(world, attrs, s.seed, _MODE_STREAMS["i2v"], i, codec)
         out = _to_uint8(pipe.generate([attrs.caption()], F, H, W, mode="i2v", image=clip[0], seed=s.seed + i, **kw).video)[0]
@@ -396,16 +409,20 @@ def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequ
         got = reader.read(out)
         i2v_dir.append(got["direction"] == attrs.direction)
         i2v_keep.append(got["colour"] == attrs.colour and got["shape"] == attrs.shape)
+        i2v_last.append(subject_kept(out[-tail:], attrs))
+        one_object["i2v"].append(float(np.mean(reader.count_objects(out) == 1)))
         samples.append((f"i2v: {attrs.caption()}", out))
         advance(1)
 
-    seams, ext_dir = [], []
+    seams, ext_dir, ext_last = [], [], []
     for i, attrs in enumerate(mode_combos(seen, n, s.seed, _MODE_STREAMS["extend"])):
         clip = render_clip(world, attrs, s.seed, _MODE_STREAMS["extend"], i, codec)
         out = _to_uint8(pipe.generate([attrs.caption()], F, H, W, mode="extend_forward", video=clip[:num_given],
                                       context_latents=k, seed=s.seed + i, **kw).video)[0]
         seams.append(seam_error_px(reader, out, num_given))
         ext_dir.append(reader.read(out)["direction"] == attrs.direction)
+        ext_last.append(subject_kept(out[-tail:], attrs))
+        one_object["extend"].append(float(np.mean(reader.count_objects(out[num_given:]) == 1)))  # the generated frames
         samples.append((f"extend ({num_given} given): {attrs.caption()}", out))
         advance(1)
 
@@ -416,6 +433,7 @@ def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequ
         out = _to_uint8(pipe.generate([attrs.caption()], F, H, W, mode="interpolate", image=clip[0], last_image=clip[-1],
                                       seed=s.seed + i, **kw).video)[0]
         interps.append(interpolation_error(reader, out, ends[0], ends[-1], end_frame))
+        one_object["interpolate"].append(float(np.mean(reader.count_objects(out) == 1)))  # a cross-fade shows two
         samples.append((f"interpolate: {attrs.caption()}", out))
         advance(1)
 
@@ -423,11 +441,16 @@ def evaluate_modes(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequ
     interp = _summary(interps)
     result = {
         "i2v": {"n": n, "frame0_psnr_db": float(np.mean(psnrs)), "frame0_psnr_db_min": float(np.min(psnrs)),
-                "direction_accuracy": float(np.mean(i2v_dir)), "colour_shape_kept": float(np.mean(i2v_keep))},
+                "direction_accuracy": float(np.mean(i2v_dir)), "colour_shape_kept": float(np.mean(i2v_keep)),
+                "subject_kept_last": float(np.mean(i2v_last)), "last_frames": tail, "one_object_frac": float(np.mean(one_object["i2v"]))},
         "extend": {"n": n, "num_given_frames": num_given, "seam_error_px": seam["mean"], "seam_error_px_median": seam["median"],
-                   "measured_fraction": seam["measured_fraction"], "direction_accuracy": float(np.mean(ext_dir))},
+                   "measured_fraction": seam["measured_fraction"], "direction_accuracy": float(np.mean(ext_dir)),
+                   "subject_kept_last": float(np.mean(ext_last)), "one_object_frac": float(np.mean(one_object["extend"]))},
         "interpolate": {"n": n, "end_frame": end_frame, "mid_frame": end_frame // 2, "mid_error_frac": interp["mean"],
-                        "mid_error_frac_median": interp["median"], "measured_fraction": interp["measured_fraction"]},
+                        "mid_error_frac_median": interp["median"], "measured_fraction": interp["measured_fraction"],
+                        "one_object_frac": float(np.mean(one_object["interpolate"]))},
+        # every generated frame of every mode: one object, as in every training clip
+        "modes": {"one_object_frac": float(np.mean([v for vs in one_object.values() for v in vs]))},
     }
     return result, samples
 
@@ -709,8 +732,11 @@ def print_table(report: dict[str, Any]) -> None:
     tgt.add_column("", justify="center")
     for name, t in report["targets"].items():
         v = t["value"]
-        tgt.add_row(name, "n/a" if v is None else (f"{v:.1%}" if "accuracy" in name else f"{v:.3g}"), t["target"], "pass" if t["pass"] else "FAIL")
+        as_pct = any(w in name for w in ("accuracy", "kept", "object"))
+        tgt.add_row(name, "n/a" if v is None else (f"{v:.1%}" if as_pct else f"{v:.3g}"), t["target"], "pass" if t["pass"] else "FAIL")
     console.print(tgt)
+    if "i2v" in report:  # a sanity figure, not a target: it measures the VAE round trip of the given image
+        console.print(f"i2v frame-0 PSNR {report['i2v']['frame0_psnr_db']:.1f} dB (sanity: the given image through the VAE)")
     misses = top_confusions(report["t2v"]["all"].get("confusion", {}))
     if misses:  # what the misses are says what to fix (e.g. squares read as circles: corners)
         console.print("most frequent misreads (t2v, asked -> read): "

@@ -152,6 +152,32 @@ def _walk(x, path=""):
         yield path, x
 
 
+def test_i2v_scores_can_fail_where_frame0_psnr_cannot():
+    """Frame-0 PSNR is perfect for an output that repeats the given image, for a second
+    object appearing, and for a subject that changes colour halfway: the i2v scores that
+    replaced it as targets (subject in the last frames, direction, one object) catch each."""
+    reader = AttributeReader(WORLD)
+    attrs = ShapeAttrs("red", "square", "right", "large")
+    clip = se.render_clip(WORLD, attrs, seed=0, stream=11, index=0)  # (F, H, W, 3)
+    F = len(clip)
+    tail = max(3, F // 4)
+    assert (reader.count_objects(clip) == 1).all()
+    assert reader.read(clip)["direction"] == "right" and reader.read(clip[-tail:])["colour"] == "red"
+
+    frozen = np.repeat(clip[:1], F, axis=0)  # the image, held still: frame 0 is exact
+    assert se.psnr_db(frozen[0], clip[0]) == se.PSNR_CAP_DB and reader.read(frozen)["direction"] != "right"
+
+    other = se.render_clip(WORLD, ShapeAttrs("blue", "circle", "left", "small"), seed=1, stream=11, index=1)
+    doubled = np.maximum(clip, other)  # a second object appears beside the subject
+    counts = reader.count_objects(doubled)  # two until they meet (the two move towards each other)
+    assert (counts == 2).any() and (counts == 1).mean() < se.TARGETS["one object per frame (i2v, extension, interpolation)"][2]
+
+    changed = clip.copy()
+    changed[F // 2:] = se.render_clip(WORLD, ShapeAttrs("blue", "square", "right", "large"), seed=0, stream=11, index=0)[F // 2:]
+    assert se.psnr_db(changed[0], clip[0]) == se.PSNR_CAP_DB and reader.read(changed[-tail:])["colour"] == "blue"
+    assert (reader.count_objects(np.zeros_like(clip)) == 0).all()
+
+
 def test_fast_eval_writes_a_complete_report(fast_report):
     out, stdout = fast_report
     report = json.loads((out / "report.json").read_text())  # strict JSON: no NaN/Infinity
@@ -169,6 +195,10 @@ def test_fast_eval_writes_a_complete_report(fast_report):
         for attr in ("colour", "shape", "direction", "size"):  # every sample counted once per attribute
             assert sum(c for row in g["confusion"][attr].values() for c in row.values()) == g["n"]
     assert 0 <= report["i2v"]["direction_accuracy"] <= 1 and 0 <= report["extend"]["direction_accuracy"] <= 1
+    for key in ("subject_kept_last", "one_object_frac"):
+        assert 0 <= report["i2v"][key] <= 1 and 0 <= report["extend"][key] <= 1
+    assert 0 <= report["interpolate"]["one_object_frac"] <= 1 and 0 <= report["modes"]["one_object_frac"] <= 1
+    assert "i2v frame-0 PSNR (dB)" not in report["targets"]  # a sanity figure now, not a target
     for psnr in (report["i2v"]["frame0_psnr_db"], report["vae"]["recon_psnr_db"]):
         assert math.isfinite(psnr) and 0 < psnr <= se.PSNR_CAP_DB
     assert set(report["vae"]["recon_read"]) == {"colour", "shape", "direction", "size", "joint"}
