@@ -14,7 +14,7 @@ from sora_train.utils.errors import SoraError
 
 from .timesteps import TimestepSampler, shift_timesteps, token_shift
 
-SAMPLER_KEYS = ("steps", "method", "guidance_scale", "shift")
+SAMPLER_KEYS = ("steps", "method", "guidance_scale", "shift", "schedule")
 
 
 class FlowMatching:
@@ -25,7 +25,7 @@ class FlowMatching:
         shift_base_tokens, base_shift, max_shift: the shift rule of `token_shift` (base_shift at
             or below shift_base_tokens tokens, growing as sqrt(tokens), capped at max_shift).
         use_token_shift: False = always base_shift, whatever the sample's size.
-        sampler: default sampling settings (steps, method, guidance_scale, shift) kept for
+        sampler: default sampling settings (steps, method, guidance_scale, shift, schedule) kept for
             callers; see `sora_train.diffusion.samplers.sample`. shift (null: `shift_for` the
             sample's token count, as in training) spaces the sampler's steps on its own.
     """

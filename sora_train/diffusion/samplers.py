@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from sora_train.utils.errors import SoraError
@@ -22,6 +23,13 @@ from sora_train.utils.logging import get_logger
 from .timesteps import shift_timesteps, unshift_timesteps
 
 METHODS = ("euler", "heun")
+# How the steps are spaced: "uniform" (ours: uniform in the un-shifted t, then shifted) or
+# "flow_match_euler" (diffusers' FlowMatchEulerDiscreteScheduler, the schedule Wan's and other
+# public flow models' pipelines sample with: it stops short of the shifted 1/1000 before the
+# final jump to 0). Sampling a public base model with its pipeline's schedule reproduces it.
+SCHEDULES = ("uniform", "flow_match_euler")
+# FlowMatchEulerDiscreteScheduler's num_train_timesteps (its sigma_min is 1 / this, shifted).
+FLOW_MATCH_TRAIN_TIMESTEPS = 1000
 log = get_logger(__name__)
 
 
@@ -34,10 +42,21 @@ def guided_model_fn(cond_fn: Callable, uncond_fn: Callable) -> Callable:
     return model_fn
 
 
-def timestep_schedule(steps: int, shift: float = 1.0, start_t: float = 1.0, device=None) -> torch.Tensor:
+def timestep_schedule(steps: int, shift: float = 1.0, start_t: float = 1.0, device=None, schedule: str = "uniform") -> torch.Tensor:
     """(steps + 1,) decreasing timesteps from start_t to 0: uniform in the un-shifted domain,
-    then shifted, so the first entry is exactly start_t."""
+    then shifted, so the first entry is exactly start_t (see SCHEDULES for "flow_match_euler")."""
+    if schedule not in SCHEDULES:
+        raise SoraError(f"sampler schedule={schedule!r} is unknown; choose one of {list(SCHEDULES)}")
     u0 = unshift_timesteps(torch.tensor(float(start_t), dtype=torch.float64), shift)
+    if schedule == "flow_match_euler":
+        # diffusers: sigma_min is shift(1/N) of the float32 training table; set_timesteps spaces
+        # `steps` sigmas linearly (numpy, float64) from sigma_max to sigma_min, shifts them again
+        # and appends 0 — reproduced operation for operation, so the sigmas are the same floats.
+        n = FLOW_MATCH_TRAIN_TIMESTEPS
+        sigma_min = float(shift_timesteps(torch.tensor(1.0, dtype=torch.float32) / n, shift))
+        u = np.linspace(float(u0) * n, sigma_min * n, steps) / n  # (steps,) float64
+        sigmas = torch.from_numpy(shift_timesteps(u, shift)).float()  # (steps,)
+        return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)  # (steps + 1,)
     u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64) * u0  # (steps + 1,)
     return shift_timesteps(u, shift).float().to(device)
 
@@ -56,6 +75,7 @@ def sample(
     x_init: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    schedule: str = "uniform",
 ) -> torch.Tensor:
     """Generate x0 by integrating the flow ODE.
 
@@ -74,6 +94,7 @@ def sample(
             ("strength"); start_t = 0 returns x_init unchanged (context frames aside).
         generator: unused by these deterministic ODE methods (kept for stochastic ones).
         progress: log every step at info level.
+        schedule: how the steps are spaced, one of SCHEDULES.
     Returns:
         (B, C, f, h, w) the sample at t = 0, in noise's dtype (integrated in float32 or wider).
     """
@@ -110,7 +131,7 @@ def sample(
         if start_t == 0.0:
             return clamp(x_init.to(state)).to(noise.dtype)
         x = (1 - start_t) * x_init.to(state) + start_t * noise.to(state)  # (B, C, f, h, w)
-    ts = timestep_schedule(steps, shift, start_t, device=noise.device)  # (steps + 1,)
+    ts = timestep_schedule(steps, shift, start_t, device=noise.device, schedule=schedule)  # (steps + 1,)
     x = clamp(x)
     for i in range(steps):
         t, t_next = ts[i : i + 1], ts[i + 1 : i + 2]  # (1,), (1,)

@@ -1,0 +1,149 @@
+"""Wan2.1 as a base model: the adapter runs diffusers' transformer as it is, and our sampler
+reproduces diffusers' WanPipeline on a tiny random Wan folder (written here; nothing is
+downloaded)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from sora_train.diffusion.samplers import sample, timestep_schedule  # noqa: E402
+from sora_train.models.dit.wan import WanDiT, load_wan_dit  # noqa: E402
+from sora_train.models.dit.wan_debug import TINY_TEXT_LEN, write_tiny_wan  # noqa: E402
+from sora_train.models.text.umt5 import WanTextEncoder  # noqa: E402
+from sora_train.models.vae.pretrained import load_pretrained_vae  # noqa: E402
+from sora_train.utils.errors import SoraError  # noqa: E402
+
+PROMPT, NEGATIVE = "a red ball rolls left", "blurry low quality"
+SHIFT, STEPS, GUIDANCE = 3.0, 4, 5.0
+F_, H_, W_ = 5, 32, 32  # pixels: 2 x 4 x 4 latents of 16 channels
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory) -> Path:
+    return write_tiny_wan(tmp_path_factory.mktemp("tiny_wan") / "Wan2.1-T2V-tiny-Diffusers", shift=SHIFT)
+
+
+def ours(wan_dir: Path):
+    dit = load_wan_dit(str(wan_dir), text_len=TINY_TEXT_LEN).eval()
+    text = WanTextEncoder(str(wan_dir), max_length=TINY_TEXT_LEN)
+    vae = load_pretrained_vae(str(wan_dir))
+    return dit, text, vae
+
+
+def reference(wan_dir: Path):
+    from diffusers import WanPipeline
+
+    return WanPipeline.from_pretrained(str(wan_dir), local_files_only=True)
+
+
+def test_schedule_is_diffusers_flow_match_euler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for shift, steps in ((1.0, 4), (3.0, 7), (5.0, 50)):
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+        sched.set_timesteps(steps)
+        assert torch.equal(timestep_schedule(steps, shift, schedule="flow_match_euler"), sched.sigmas)
+    with pytest.raises(SoraError, match="schedule"):
+        timestep_schedule(4, schedule="karras")
+
+
+def test_adapter_is_the_transformer(wan_dir):
+    dit, text, vae = ours(wan_dir)
+    assert dit.patch_size == (1, 2, 2) and dit.in_channels == vae.latent_channels == 16 and dit.text_dim == text.dim
+    assert vae.spatial_factor == 8 and vae.temporal_factor == 4
+    x, t = torch.randn(2, 16, 2, 4, 4), torch.tensor([0.3, 0.9])
+    emb, mask = text([PROMPT, ""])  # (2, L, D): the empty caption has one token (</s>)
+    assert mask.sum(1).tolist() == [6, 1]
+    padded = torch.zeros(2, TINY_TEXT_LEN, dit.text_dim)
+    padded[:, : emb.shape[1]] = emb * mask[..., None]
+    with torch.no_grad():
+        want = dit.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=padded, return_dict=False)[0]
+        got = dit(x, t, emb, mask)
+        # padding beyond the captions' lengths is invisible, whatever its values
+        longer = torch.cat([emb, torch.randn(2, 3, dit.text_dim)], 1), torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
+        got_longer = dit(x, t, *longer)
+    assert torch.equal(got, want) and torch.equal(got_longer, want)
+    assert dit.flops_per_step(32) > 0 and dit.num_params() == sum(p.numel() for p in dit.transformer.parameters())
+    with pytest.raises(SoraError, match="context frames"):
+        dit(x, t, emb, mask, cond_mask=torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_exported_config_rebuilds_the_architecture(wan_dir):
+    dit, _, _ = ours(wan_dir)
+    cfg = json.loads(json.dumps(dit.config()))
+    again = WanDiT(**cfg)
+    again.load_state_dict(dit.state_dict())
+    x, t = torch.randn(1, 16, 2, 4, 4), torch.tensor([0.5])
+    text, mask = torch.randn(1, 3, dit.text_dim), torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x, t, text, mask), dit(x, t, text, mask))
+
+
+def our_latents(wan_dir: Path, noise: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    dit, text, _ = ours(wan_dir)
+    cond, uncond = text([PROMPT]), text([NEGATIVE])
+
+    def model_fn(x, t, guided):
+        v = dit(x, t, *cond)
+        return (v, dit(x, t, *uncond)) if guided else v
+
+    return sample(model_fn, noise, steps=STEPS, shift=SHIFT, guidance_scale=GUIDANCE, schedule="flow_match_euler")
+
+
+def test_sampler_parity_with_wan_pipeline(wan_dir):
+    """Same noise, prompt, negative prompt, steps, shift and guidance: the same latents and video."""
+    pipe = reference(wan_dir)
+    noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(7))
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=F_, height=H_, width=W_, num_inference_steps=STEPS,
+              guidance_scale=GUIDANCE, max_sequence_length=TINY_TEXT_LEN, latents=noise.clone())
+    want = pipe(**kw, output_type="latent").frames
+    got = our_latents(wan_dir, noise)
+    diff = (got - want).abs().max().item()
+    print(f"Wan parity: max |latent ours - diffusers| = {diff:.3e}")
+    assert diff <= 1e-4
+    assert (got - noise).abs().max() > 1e-2  # it did sample
+
+    # decoded: WanPipeline's postprocess maps [-1, 1] to [0, 1]
+    video_ref = torch.from_numpy(pipe(**kw, output_type="np").frames[0])  # (F, H, W, 3) in [0, 1]
+    vae = load_pretrained_vae(str(wan_dir))
+    with torch.no_grad():
+        video = vae.decode(vae.denormalize(got))[0]  # (3, F, H, W)
+    video = ((video.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
+    vdiff = (video - video_ref).abs().max().item()
+    print(f"Wan parity: max |video ours - diffusers| = {vdiff:.3e}")
+    assert video.shape == video_ref.shape and vdiff <= 1e-4
+
+
+# -- bad input: one line naming the file and what was expected ----------------------------------
+def test_bad_folders(wan_dir, tmp_path):
+    with pytest.raises(SoraError, match="model_index.json: missing"):
+        load_wan_dit(str(tmp_path))
+    other = tmp_path / "other"
+    shutil.copytree(wan_dir, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "LTXPipeline"}))
+    with pytest.raises(SoraError, match=r"model_index.json: a 'LTXPipeline' folder, expected WanPipeline"):
+        load_wan_dit(str(other))
+    (other / "model_index.json").write_text(json.dumps(index))
+    cfg = json.loads((other / "transformer" / "config.json").read_text())
+    (other / "transformer" / "config.json").write_text(json.dumps({**cfg, "_class_name": "CogVideoXTransformer3DModel"}))
+    with pytest.raises(SoraError, match=r"transformer/config.json: a 'CogVideoXTransformer3DModel', expected WanTransformer3DModel"):
+        load_wan_dit(str(other))
+    (other / "transformer" / "config.json").write_text(json.dumps(cfg))
+    weights = other / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a download cut short
+    with pytest.raises(SoraError, match=r"diffusion_pytorch_model.safetensors: truncated safetensors file"):
+        load_wan_dit(str(other))
+    weights.write_bytes(data)
+    shutil.rmtree(other / "tokenizer")
+    with pytest.raises(SoraError, match=r"tokenizer: missing tokenizer folder"):
+        WanTextEncoder(str(other))
