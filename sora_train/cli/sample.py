@@ -32,7 +32,7 @@ from sora_train.utils.errors import SoraError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sora-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="export directory (model.json + model.safetensors), e.g. RUN_DIR/export")
+    p.add_argument("--ckpt", required=True, help="export directory (model.json + model.safetensors), e.g. RUN_DIR/export, or a Wan2.1 diffusers folder")
     p.add_argument("--vae", help="export holding the VAE, when the DiT export has none")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a text prompt (repeatable)")

@@ -91,10 +91,17 @@ def export_parts(out_dir: str | Path, parts: dict[str, nn.Module], meta: dict[st
 
 
 def load_parts(export_dir: str | Path, names: list[str] | None = None, map_location: str = "cpu") -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """Rebuild parts from an export; returns ({name: module in eval mode}, meta)."""
+    """Rebuild parts from an export; returns ({name: module in eval mode}, meta).
+
+    A public base model's diffusers pipeline folder (Wan2.1) is read as an export too
+    (`sora_train.models.bases`): its parts are our adapters, built from that folder only."""
     from safetensors.torch import load_file
 
+    from sora_train.models.bases import is_base_folder, load_base_parts
+
     d = Path(export_dir)
+    if is_base_folder(d):
+        return load_base_parts(d, names)
     spec = read_export_spec(d)
     try:
         state = load_file(str(d / WEIGHTS_NAME), device=map_location)

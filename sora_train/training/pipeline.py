@@ -239,8 +239,9 @@ class VideoPipeline:
         noise = torch.randn((B, C, f, h, w), generator=g).to(device)  # drawn on the CPU: the same video on any device
         pt, ph, pw = self.dit.patch_size
         shift = self.flow.sampling_shift((f // pt) * (h // ph) * (w // pw), shift)
+        schedule = defaults.get("schedule", "uniform")  # a public base's pipeline schedule (Wan: flow_match_euler)
         x0 = sample(model_fn, noise, steps=steps, method=method, shift=shift, guidance_scale=guidance_scale,
-                    context=context, cond_mask=cond_mask, start_t=start_t, x_init=x_init, progress=progress)
+                    context=context, cond_mask=cond_mask, start_t=start_t, x_init=x_init, progress=progress, schedule=schedule)
         out = self._decode(x0)  # (B, 3, F, H, W)
 
         if mode == "extend_forward":
@@ -252,7 +253,7 @@ class VideoPipeline:
             vid = _clip(video, height, width, "video")
             n = int(cond.sum()) * self.vae.temporal_factor
             out = torch.cat([out[:, :, : num_frames - n], vid[None].expand(B, -1, -1, -1, -1)], dim=2)
-        settings = {"steps": steps, "method": method, "guidance_scale": guidance_scale, "shift": shift,
+        settings = {"steps": steps, "method": method, "guidance_scale": guidance_scale, "shift": shift, "schedule": schedule,
                     "negative_prompt": negative_prompt, "num_frames": num_frames, "height": height, "width": width}
         if mode == "edit":
             settings["strength"] = strength

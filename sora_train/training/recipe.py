@@ -173,8 +173,9 @@ def export_task(module: Any, out_dir: str | Path, *, datamodule: Any, step: int 
     parts = {"vae": module.vae, "text": module.text_encoder, "dit": module.dit}
     if getattr(module, "ema", None) is not None:
         parts["ema"] = module.ema
-    # A text encoder rebuilt from its own folder (config "path") is exported as config only.
-    weights = {"text": not module.text_encoder.config().get("path")}
+    # A text encoder or VAE rebuilt from its own folder (config "path": HF text encoders, a
+    # public base's VAE and UMT5) is exported as config only.
+    weights = {"text": not module.text_encoder.config().get("path"), "vae": not module.vae.config().get("path")}
     adapter = None
     if has_lora(module.dit):
         adapter = lora_state_dict(module.ema if "ema" in parts else module.dit)

@@ -147,3 +147,60 @@ def test_bad_folders(wan_dir, tmp_path):
     shutil.rmtree(other / "tokenizer")
     with pytest.raises(SoraError, match=r"tokenizer: missing tokenizer folder"):
         WanTextEncoder(str(other))
+
+
+# -- a Wan folder where an export goes ---------------------------------------------------------
+def test_video_pipeline_from_wan_folder_matches_wan_pipeline(wan_dir):
+    """`sora-sample --ckpt <Wan folder>`'s pipeline: Wan's shift, schedule and text length
+    from the folder, the same video as diffusers from the same noise."""
+    from sora_train.training.pipeline import VideoPipeline
+
+    pipe = VideoPipeline.from_export(wan_dir)
+    assert pipe.flow.sampler_defaults["schedule"] == "flow_match_euler" and pipe.flow.sampling_shift(10**6) == SHIFT
+    gen = pipe.generate([PROMPT], F_, H_, W_, steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=NEGATIVE, seed=3)
+    noise = torch.randn((1, 16, 2, 4, 4), generator=torch.Generator().manual_seed(3))  # as generate draws it
+    want = reference(wan_dir)(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=F_, height=H_, width=W_, num_inference_steps=STEPS,
+                              guidance_scale=GUIDANCE, latents=noise, output_type="np").frames[0]
+    got = ((gen.video[0] + 1) / 2).permute(1, 2, 3, 0)  # (F, H, W, 3) in [0, 1]
+    assert (got - torch.from_numpy(want)).abs().max().item() <= 1e-4
+
+
+def test_export_records_folder_and_hash_not_weights(wan_dir, tmp_path):
+    from safetensors import safe_open
+
+    from sora_train.models.export import export_parts, load_parts
+
+    parts, _ = load_parts(wan_dir)
+    out = export_parts(tmp_path / "export", parts, {"task": "dit"}, weights={"vae": False, "text": False})
+    spec = json.loads((out / "model.json").read_text())["parts"]
+    assert spec["vae"]["target"] == "sora_train.models.vae.pretrained.PretrainedVideoVAE"
+    assert spec["vae"]["config"]["path"] == str(wan_dir / "vae") and len(spec["vae"]["config"]["sha256"]) == 64
+    assert spec["text"]["target"] == "sora_train.models.text.umt5.WanTextEncoder" and len(spec["text"]["config"]["sha256"]) == 64
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"dit"}
+    again, _ = load_parts(out)
+    x, t = torch.randn(1, 16, 2, 4, 4), torch.tensor([0.4])
+    emb, mask = again["text"]([PROMPT])
+    with torch.no_grad():
+        assert torch.equal(again["dit"](x, t, emb, mask), parts["dit"](x, t, *parts["text"]([PROMPT])))
+        assert torch.equal(again["vae"].decode(x), parts["vae"].decode(x))
+    # the recorded folder changed: refused, naming it
+    moved = tmp_path / "changed"
+    shutil.copytree(wan_dir, moved)
+    cfg = json.loads((moved / "vae" / "config.json").read_text())
+    (moved / "vae" / "config.json").write_text(json.dumps({**cfg, "latents_std": [1.0] * 16}))
+    spec_all = json.loads((out / "model.json").read_text())
+    spec_all["parts"]["vae"]["config"]["path"] = str(moved / "vae")
+    (out / "model.json").write_text(json.dumps(spec_all))
+    with pytest.raises(SoraError, match=r"changed.*vae.*contents changed"):
+        load_parts(out, ["vae"])
+
+
+@pytest.mark.slow
+def test_sora_sample_cli_on_wan_folder(wan_dir, tmp_path):
+    from sora_train.cli.sample import main
+
+    main(["--ckpt", str(wan_dir), "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--frames", "5", "--height", "32", "--width", "32",
+          "--steps", "2", "--out", str(tmp_path / "samples")])
+    index = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    assert len(index) == 1 and Path(index[0]["video"]).is_file()

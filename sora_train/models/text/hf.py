@@ -32,7 +32,7 @@ _ENCODER_CLASSES = {
 }
 
 
-def _resolve_folders(path: str | Path, tokenizer_path: str | Path | None) -> tuple[Path, Path]:
+def resolve_folders(path: str | Path, tokenizer_path: str | Path | None) -> tuple[Path, Path]:
     """(model folder, tokenizer folder); accepts a diffusers pipeline root as well."""
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -77,7 +77,7 @@ class HFTextEncoder(TextEncoder):
         check_hf_dtype("HFTextEncoder", dtype)
         if max_length < 1:
             raise SoraError(f"HFTextEncoder: max_length={max_length} must be >= 1")
-        model_dir, tok_dir = _resolve_folders(path, tokenizer_path)
+        model_dir, tok_dir = resolve_folders(path, tokenizer_path)
         transformers = import_transformers("HFTextEncoder")
 
         try:

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
 from sora_train.models.text.hf import HFTextEncoder
+from sora_train.utils.errors import SoraError
 
 WAN_MAX_LENGTH = 512  # WanPipeline's max_sequence_length
 
@@ -37,12 +40,12 @@ def wan_prompt_clean(text: str) -> str:
 
 class WanTextEncoder(HFTextEncoder):
     """A frozen UMT5 encoder read from a Wan folder (``path``: the pipeline root, or a folder
-    with the model's config.json and ``tokenizer_path``); arguments as `HFTextEncoder`."""
+    with the model's config.json and ``tokenizer_path``); arguments as `HFTextEncoder`, plus
+    ``sha256``: the model and tokenizer folders' hash (checked when given, computed on the
+    first `config()`), so an export that records the path refuses a folder that changed."""
 
     def __init__(self, path: str, max_length: int = WAN_MAX_LENGTH, dtype: str = "float32", kind: str = "umt5",
-                 tokenizer_path: str | None = None, pad_to_max_length: bool = False):
-        from pathlib import Path
-
+                 tokenizer_path: str | None = None, pad_to_max_length: bool = False, sha256: str | None = None):
         from sora_train.models.local_folder import check_component
 
         root = Path(path).expanduser()
@@ -50,6 +53,27 @@ class WanTextEncoder(HFTextEncoder):
             check_component(root / "text_encoder", ("UMT5EncoderModel", "umt5"), what="text_encoder")
             check_component(root / "tokenizer", (), what="tokenizer")
         super().__init__(path, max_length=max_length, dtype=dtype, kind=kind, tokenizer_path=tokenizer_path, pad_to_max_length=pad_to_max_length)
+        self.sha256 = None
+        if sha256:
+            self.sha256 = self.folders_sha256()
+            if self.sha256 != sha256:
+                raise SoraError(f"{path}: the text encoder's files changed since the export was written (sha256 {self.sha256[:12]}…, "
+                                f"recorded {sha256[:12]}…); point it at the folder the model was trained with")
+
+    def folders_sha256(self) -> str:
+        """sha256 of the model folder's and the tokenizer folder's files."""
+        import hashlib
+
+        from sora_train.models.local_folder import folder_sha256
+        from sora_train.models.text.hf import resolve_folders
+
+        model_dir, tok_dir = resolve_folders(self.path, self.tokenizer_path)
+        return hashlib.sha256(f"{folder_sha256(model_dir)}|{folder_sha256(tok_dir)}".encode()).hexdigest()
+
+    def config(self) -> dict[str, Any]:
+        if self.sha256 is None:
+            self.sha256 = self.folders_sha256()
+        return super().config()
 
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         if isinstance(captions, str):

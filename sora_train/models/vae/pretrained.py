@@ -87,18 +87,38 @@ class PretrainedVideoVAE(VideoVAE):
     memory themselves (Wan decodes frame by frame with a causal cache; CogVideoX batches
     frames). `tile` switches on the model's own spatial tiling for that call.
 
+    An export records it as data — the local folder, the class it must hold and the sha256 of
+    the folder's files — and never its weights: `load_parts` rebuilds it from that folder and
+    refuses one whose class or contents differ.
+
     Args:
-        model: a loaded diffusers VAE of one of SUPPORTED_CLASSES.
+        model: a loaded diffusers VAE of one of SUPPORTED_CLASSES; None loads it from ``path``.
         decode_timestep: for LTX-Video decoders with timestep conditioning (0.9.1+), the
             timestep passed to `decode` (its pipelines use 0.0 to 0.05).
-        path: where it was loaded from, recorded by `config()`.
+        path: the local folder it is (or was) loaded from (a pipeline folder or its vae/).
+        class_name: the diffusers class ``path`` must hold (checked when given).
+        torch_dtype: weights' dtype when loading from ``path``.
+        sha256: the folder's `folder_sha256` (checked when given; computed on first `config()`).
     """
 
-    def __init__(self, model: nn.Module, decode_timestep: float = 0.0, path: str | None = None):
+    def __init__(self, model: nn.Module | None = None, decode_timestep: float = 0.0, path: str | None = None, class_name: str | None = None,
+                 torch_dtype: str = "float32", sha256: str | None = None):
         super().__init__()
+        if model is None:
+            if path is None:
+                raise SoraError("PretrainedVideoVAE: needs a loaded model or the path of its local folder")
+            model = _load_model(path, torch_dtype, expected_class=class_name)
+            if sha256:
+                from sora_train.models.local_folder import check_folder_hash
+
+                check_folder_hash(_resolve_folder(path), sha256, "vae")
+        if not isinstance(model, nn.Module):
+            raise SoraError(f"PretrainedVideoVAE: model must be a diffusers VAE module, got {type(model).__name__}")
         self.class_name = self.display_name = type(model).__name__
         if self.class_name not in SUPPORTED_CLASSES:
             raise SoraError(f"pretrained vae class {self.class_name!r}: unsupported, expected one of {list(SUPPORTED_CLASSES)}")
+        self.torch_dtype = torch_dtype
+        self.sha256 = sha256
         self.model = model
         self.path = path
         self.decode_timestep = float(decode_timestep)
@@ -149,8 +169,14 @@ class PretrainedVideoVAE(VideoVAE):
         return out.to(z.dtype)
 
     def config(self) -> dict:
-        """Arguments of `load_pretrained_vae` that rebuild this adapter (plus what was loaded)."""
-        return {"path": self.path, "class_name": self.class_name, "decode_timestep": self.decode_timestep}
+        """Constructor arguments that rebuild this adapter from its folder (no weights: the
+        folder holds them; its sha256 is computed once, here, when not given)."""
+        if self.sha256 is None and self.path is not None:
+            from sora_train.models.local_folder import folder_sha256
+
+            self.sha256 = folder_sha256(_resolve_folder(self.path))
+        return {"path": self.path, "class_name": self.class_name, "decode_timestep": self.decode_timestep,
+                "torch_dtype": self.torch_dtype, "sha256": self.sha256}
 
 
 class _NoTiling:
@@ -174,18 +200,31 @@ def load_pretrained_vae(path: str, torch_dtype: str = "float32", decode_timestep
     Hydra: `_target_: sora_train.models.vae.pretrained.load_pretrained_vae`, `path: ...`.
     The weights are frozen-ready but not frozen; call `.requires_grad_(False)` to freeze.
     """
+    model = _load_model(path, torch_dtype)
+    if device is not None:
+        model = model.to(device)
+    return PretrainedVideoVAE(model, decode_timestep=decode_timestep, path=str(_resolve_folder(path)), torch_dtype=torch_dtype)
+
+
+def _load_model(path: str, torch_dtype: str, expected_class: str | None = None) -> nn.Module:
+    """The diffusers VAE of a local folder (eval mode), after checking its class and weights."""
+    from sora_train.models.local_folder import check_component
+
     folder = _resolve_folder(path)
-    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    try:
+        class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SoraError(f"{folder / 'config.json'}: not a readable diffusers config ({e})") from None
     if class_name not in SUPPORTED_CLASSES:
-        raise SoraError(f"pretrained vae {str(folder)!r}: class {class_name!r} unsupported, expected one of {list(SUPPORTED_CLASSES)}")
+        raise SoraError(f"{folder / 'config.json'}: class {class_name!r} unsupported, expected one of {list(SUPPORTED_CLASSES)}")
+    if expected_class and class_name != expected_class:
+        raise SoraError(f"{folder / 'config.json'}: a {class_name!r}, expected {expected_class!r} (the VAE this model was trained with)")
+    check_component(folder, (class_name,), what="vae")
     dtype = getattr(torch, torch_dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise SoraError(f"torch_dtype={torch_dtype!r}: not a torch dtype (float32, bfloat16, float16)")
     diffusers = _import_diffusers()
-    model = getattr(diffusers, class_name).from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
-    if device is not None:
-        model = model.to(device)
-    return PretrainedVideoVAE(model.eval(), decode_timestep=decode_timestep, path=str(folder))
+    return getattr(diffusers, class_name).from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True).eval()
 
 
 __all__ = ["SUPPORTED_CLASSES", "PretrainedVideoVAE", "load_pretrained_vae"]
