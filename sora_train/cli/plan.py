@@ -1,0 +1,199 @@
+"""sora-plan: will this training config fit on a GPU? Memory per rank, before any cluster hours.
+
+  sora-plan experiment=pretrain_1B --gpu-mem 80
+  sora-plan experiment=pretrain_1B --gpu-mem 80 --gpus 8 strategy=deepspeed_stage_3
+  sora-plan experiment=pretrain_100M --gpu-mem 24 --frames 65 --height 256 --width 256 parallel.activation_checkpointing=true
+
+Composes the config as sora-train does (same overrides), builds the DiT on the meta device
+(nothing allocated) and prints per rank: parameters, gradients, optimizer state (by ZeRO
+stage and offload), buffers, activations (by tokens, sequence-parallel size and activation
+checkpointing), whether it fits, and the longest clip at the resolution that fits at batch 1.
+The arithmetic lives in sora_train/parallel/plan.py; docs/strategies.md explains it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sora_train.cli.common import CONFIG_MODULE, one_line_errors, validate_overrides
+from sora_train.utils.errors import SoraError
+
+# Text width assumed when an HF encoder's folder is not readable here (T5-XXL / UMT5-XXL).
+DEFAULT_TEXT_DIM = 4096
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sora-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="config overrides, as for sora-train (experiment=pretrain_1B dit=3B ...)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory in GB (10^9 bytes), e.g. 80 for an H100 (default 80)")
+    p.add_argument("--gpus", type=int, help="ranks the job runs on (ZeRO shards over them; default: trainer.devices x nodes, 8 when 'all')")
+    p.add_argument("--sp", type=int, help="sequence-parallel size (default: parallel.sequence_parallel_size, else 1)")
+    p.add_argument("--frames", type=int, help="clip length to plan (default: the config's longest bucket)")
+    p.add_argument("--height", type=int, help="clip height (default: the planned bucket's)")
+    p.add_argument("--width", type=int, help="clip width (default: the planned bucket's)")
+    p.add_argument("--batch", type=int, help="micro-batch per rank (default: data.tokens_per_batch // (F*H*W), at least 1)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    return p
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise SoraError(f"{bad[0]!r} is not a config override (key=value); flags start with --")
+    validate_overrides("train", overrides)  # unknown experiment / option: one line, exit 2
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return hydra_compose(config_name="train", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def text_dim(text_cfg) -> tuple[int, str | None]:
+    """Width of the text encoder's token embeddings, and a note when it is assumed."""
+    if text_cfg.get("dim"):
+        return int(text_cfg.dim), None
+    path = text_cfg.get("path")
+    try:
+        cfg = json.loads((Path(str(path)) / "config.json").read_text())
+        return int(cfg.get("d_model") or cfg.get("hidden_size") or cfg["text_config"]["hidden_size"]), None
+    except Exception:
+        return DEFAULT_TEXT_DIM, f"text width {DEFAULT_TEXT_DIM} assumed (text.path not readable here); it changes only the text projection"
+
+
+def world_size(cfg, gpus: int | None) -> int:
+    from omegaconf import OmegaConf
+
+    if gpus is not None:
+        return gpus
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    nodes = int(OmegaConf.select(cfg, "trainer.num_nodes", default=1) or 1)
+    if devices in (-1, "auto", "-1") or devices is None:
+        devices = 8
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    return int(devices) * nodes
+
+
+def plan_from_config(cfg, args: argparse.Namespace) -> dict:
+    """Everything the table shows, as plain values."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from sora_train.parallel.plan import LatentGeometry, Setup, dit_shape, longest_clip, plan_memory
+
+    if args.gpu_mem <= 0:
+        raise SoraError(f"--gpu-mem {args.gpu_mem:g}: must be a positive number of GB")
+    if str(OmegaConf.select(cfg, "task._target_", default="")).endswith("VAEModule"):
+        raise SoraError("sora-plan plans DiT training; this config trains the VAE (task=vae)")
+    notes: list[str] = []
+    with torch.device("meta"):
+        vae = instantiate(cfg.vae)
+        tdim, note = text_dim(cfg.text)
+        dit = instantiate(cfg.dit)(in_channels=vae.latent_channels, text_dim=tdim)
+    if note:
+        notes.append(note)
+    if not all(hasattr(dit, a) for a in ("hidden_size", "depth", "num_heads", "patch_size")):
+        raise SoraError(f"sora-plan knows the activations of sora_train's DiT; {type(dit).__name__} is not one")
+    shape = dit_shape(dit)
+    geometry = LatentGeometry(vae.temporal_factor, vae.spatial_factor)
+
+    buckets = OmegaConf.to_container(cfg.data.buckets, resolve=True) if OmegaConf.select(cfg, "data.buckets") else []
+    bucket = max(buckets, key=lambda b: b["num_frames"] * b["height"] * b["width"]) if buckets else {}
+    F = args.frames or bucket.get("num_frames") or OmegaConf.select(cfg, "data.num_frames", default=None)
+    H = args.height or bucket.get("height") or OmegaConf.select(cfg, "data.height", default=None)
+    W = args.width or bucket.get("width") or OmegaConf.select(cfg, "data.width", default=None)
+    if not (F and H and W):
+        raise SoraError("the config names no clip shape (data.buckets); give --frames, --height and --width")
+    tpb = OmegaConf.select(cfg, "data.tokens_per_batch", default=None)
+    batch = args.batch or (max(1, int(tpb) // (F * H * W)) if tpb else int(OmegaConf.select(cfg, "data.batch_size", default=1) or 1))
+    if batch < 1:
+        raise SoraError(f"--batch {batch}: must be >= 1")
+    strategy = str(OmegaConf.select(cfg, "strategy.name", default="auto") or "auto")
+    sp = args.sp or int(OmegaConf.select(cfg, "parallel.sequence_parallel_size", default=1) or 1)
+    setup_kwargs = dict(
+        strategy=strategy,
+        precision=str(OmegaConf.select(cfg, "trainer.precision", default="32-true")),
+        world_size=world_size(cfg, args.gpus),
+        sequence_parallel_size=sp,
+        activation_checkpointing=bool(OmegaConf.select(cfg, "parallel.activation_checkpointing", default=False)),
+        text_len=int(OmegaConf.select(cfg, "text.max_length", default=300) or 300),
+        reduce_bucket_size=float(OmegaConf.select(cfg, "strategy.reduce_bucket_size", default=2e8) or 0),
+        allgather_bucket_size=float(OmegaConf.select(cfg, "strategy.allgather_bucket_size", default=2e8) or 0),
+    )
+    setup = Setup(micro_batch=batch, **setup_kwargs)
+    tokens = geometry.tokens(F, H, W, shape.patch_size)
+    plan = plan_memory(shape, tokens, setup)
+    gpu_bytes = args.gpu_mem * 1e9
+    longest = longest_clip(shape, geometry, H, W, Setup(micro_batch=1, **setup_kwargs), gpu_bytes)
+    fps = OmegaConf.select(cfg, "data.target_fps", default=None)
+    return {
+        "dit": {"params": shape.num_params, "hidden_size": shape.hidden_size, "depth": shape.depth, "num_heads": shape.num_heads},
+        "setup": {**setup_kwargs, "micro_batch": batch, "gpu_mem_gb": args.gpu_mem},
+        "clip": {"num_frames": F, "height": H, "width": W, "tokens": tokens},
+        "bytes": {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer, "buffers": plan.buffers,
+                  "activations": plan.activations, "optimizer_step": plan.optimizer_step, "gpu": plan.gpu, "cpu": plan.cpu},
+        "fits": plan.fits(gpu_bytes),
+        "longest_clip": {"num_frames": longest, "height": H, "width": W,
+                         "seconds": round((longest - 1) / float(fps), 2) if (fps and longest) else None},
+        "notes": notes + plan.notes,
+    }
+
+
+def print_table(p: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s, c, b = p["setup"], p["clip"], p["bytes"]
+    gb = lambda v: f"{v / 1e9:,.2f}"  # noqa: E731
+    title = (f"{p['dit']['params'] / 1e9:.3f}B-param DiT (D={p['dit']['hidden_size']}, {p['dit']['depth']} blocks) · {s['strategy']} · "
+             f"{s['precision']} · {s['world_size']} ranks · sp={s['sequence_parallel_size']} · "
+             f"checkpointing {'on' if s['activation_checkpointing'] else 'off'}")
+    t = Table(title=title, title_justify="left")
+    t.add_column("per rank")
+    t.add_column("GB", justify="right")
+    t.add_column("what")
+    t.add_row("parameters", gb(b["params"]), "weights held on the GPU")
+    t.add_row("gradients", gb(b["grads"]), "")
+    t.add_row("optimizer state", gb(b["optimizer"]), "Adam moments (+ fp32 master under DeepSpeed)")
+    t.add_row("buffers", gb(b["buffers"]), "communication buckets, gathered ZeRO-3 blocks")
+    t.add_row("activations", gb(b["activations"]),
+              f"{s['micro_batch']} x {c['num_frames']}x{c['height']}x{c['width']} = {c['tokens']:,} tokens / sp")
+    t.add_row("optimizer step", gb(b["optimizer_step"]), "temporaries once activations are freed (the peak takes the larger)")
+    t.add_row("[bold]peak[/bold]", f"[bold]{gb(b['gpu'])}[/bold]", f"of {s['gpu_mem_gb']:g} GB: " + ("[green]fits[/green]" if p["fits"] else "[red]does not fit[/red]"))
+    if b["cpu"]:
+        t.add_row("CPU RAM (offload)", gb(b["cpu"]), "per rank, in host memory")
+    console = Console()
+    console.print(t)
+    lc = p["longest_clip"]
+    if lc["num_frames"]:
+        secs = f" ({lc['seconds']} s at data.target_fps)" if lc["seconds"] is not None else ""
+        console.print(f"longest clip that fits at {lc['height']}x{lc['width']}, batch 1: {lc['num_frames']} frames{secs}")
+    else:
+        console.print(f"no clip fits at {lc['height']}x{lc['width']}, batch 1: the model states alone are too big; raise the ZeRO stage or offload")
+    for n in p["notes"]:
+        console.print(f"note: {n}")
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come after flags
+    if args.gpu_mem <= 0:
+        raise SoraError(f"--gpu-mem {args.gpu_mem:g}: must be a positive number of GB")
+    cfg = compose(args.overrides)
+    p = plan_from_config(cfg, args)
+    if args.json:
+        print(json.dumps(p, indent=2))
+    else:
+        print_table(p)
+
+
+if __name__ == "__main__":
+    main()
