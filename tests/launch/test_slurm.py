@@ -11,6 +11,8 @@ launch/install_system_deps.sh.
   - submitit: a Python function runs as a 2-node job and its results come back;
   - Hydra's submitit launcher: `sora-train -m experiment=smoke launcher=slurm_cpu` trains
     through Slurm and leaves checkpoints and an export in the sweep folder;
+  - an Optuna sweep on Slurm: trials as jobs two at a time, data prepared once on an empty
+    directory, a failed trial recorded, the study continued by the same command, one table;
   - 2-node Lightning DDP under srun: SLURMEnvironment supplies ranks and world size;
   - requeue, the plain-sbatch way: a real time-limit SIGUSR1 (--signal=USR1@75) reaches
     Lightning, which saves an HPC checkpoint and requeues; the next run resumes from it;
@@ -261,6 +263,49 @@ def test_hydra_submitit_launcher_trains_smoke(slurm_cluster, smoke_data, tmp_pat
     assert (run_dir / "checkpoints" / "last.ckpt").exists(), sorted(p.name for p in run_dir.iterdir())
     assert (run_dir / "export").is_dir()
     assert list(job_dirs[0].glob("*_result.pkl")), job_logs
+
+
+def test_optuna_sweep_on_slurm_continues_and_records_failures(slurm_cluster, tmp_path):
+    """`sora-train -m hparams_search=... launcher=slurm_cpu`: trials as Slurm jobs, two at a
+    time, on an empty data directory (both first trials find the data missing: one prepares
+    it, the other waits); a trial that fails is recorded and the sweep goes on; the same
+    command again continues the study from its sqlite storage; one trials.md holds every
+    trial, best first. Optuna's TPE over dit_lr's space and data.num_workers in {0, -1} (-1
+    fails at once): with seed 1234 the first two draws are one of each; the continued study
+    is seeded 1234 + 2 (ContinuedStudySeed), whose two draws both fail, and the sweep still
+    ends well. Two invocations of two trials each, ~25 s."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    optuna = pytest.importorskip("optuna")
+    sora_train = shutil.which("sora-train", path=slurm_cluster.env["PATH"])
+    cmd = [sora_train] if sora_train else [sys.executable, "-m", "sora_train.cli.train"]
+    study = tmp_path / "study"
+    env = {**slurm_cluster.env, "SORA_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "disabled"}
+    args = [*cmd, "-m", "experiment=smoke", "hparams_search=dit_lr", "launcher=slurm_cpu", "hydra.launcher.partition=debug",
+            "hydra.launcher.timeout_min=10", f"study_dir={study}", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.seed=1234", "data.num_workers=choice(0,-1)",
+            "callbacks.samples=null", "export=false"]  # fmt: skip
+    for attempt in (1, 2):
+        r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        logs = "\n".join(f"----- {f}\n{f.read_text(errors='replace')[-2000:]}" for f in sorted(study.glob("*/.submitit/*/*_log.*")))
+        assert r.returncode == 0, f"run {attempt}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{logs}"
+        sweeps = sorted(p for p in study.iterdir() if p.is_dir())
+        assert len(sweeps) == attempt
+        tasks = sorted(p.name for p in (sweeps[-1] / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+        assert len(tasks) == 2, tasks  # one Slurm job per trial: a 2-task job array, both queued at once
+
+    trials = optuna.load_study(study_name="dit_lr", storage=f"sqlite:///{study}/optuna.db").trials
+    assert [t.number for t in trials] == [0, 1, 2, 3]  # continued, not started over
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "FAIL", "FAIL"], trials
+    assert len({t.params["optimizer.lr"] for t in trials}) == 4  # the continuation drew new points
+    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+
+    rows = (study / "trials.md").read_text().splitlines()[2:]
+    assert len(rows) == 4, rows
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[4].split(":")[0] for c in cells] == ["ok", "failed", "failed", "failed"], rows
+    assert float(cells[0][2]) == pytest.approx(best.value, rel=1e-4), (rows, best)
+    assert f"optimizer.lr={best.params['optimizer.lr']}" in cells[0][3] and "data.num_workers=0" in cells[0][3]
+    assert all("num_workers option should be non-negative" in c[4] for c in cells[1:]), rows
 
 
 # --------------------------------------------------------------------------- Lightning on 2 nodes
