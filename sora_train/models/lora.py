@@ -101,3 +101,26 @@ def merged_copy(model: nn.Module) -> nn.Module:
         plain = type(model)(**model.config())
     plain.load_state_dict(merged_state_dict(model), assign=True)
     return plain.eval()
+
+
+# A LoRA of a public base model (Wan2.1), in the file diffusers' `load_lora_weights` finds in a
+# folder by default.
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+
+
+@torch.no_grad()
+def diffusers_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters in diffusers' peft format: ``<layer>.lora_A.weight`` / ``<layer>.lora_B.weight``
+    with the layer names of the model (a `WanDiT`'s start with ``transformer.``, as diffusers'
+    Wan LoRAs do). B carries the scale alpha / r, so a reader that assumes alpha = r (diffusers
+    without metadata, ComfyUI) computes the same delta."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            out[f"{name}.lora_A.weight"] = module.lora_A[ADAPTER].weight.detach().clone()
+            out[f"{name}.lora_B.weight"] = module.lora_B[ADAPTER].weight.detach() * module.scaling[ADAPTER]
+    if not out:
+        raise SoraError(f"{type(model).__name__} holds no LoRA adapters to export")
+    return out

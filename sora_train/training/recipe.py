@@ -176,14 +176,23 @@ def export_task(module: Any, out_dir: str | Path, *, datamodule: Any, step: int 
     # A text encoder or VAE rebuilt from its own folder (config "path": HF text encoders, a
     # public base's VAE and UMT5) is exported as config only.
     weights = {"text": not module.text_encoder.config().get("path"), "vae": not module.vae.config().get("path")}
-    adapter = None
+    adapter = diffusers_adapter = None
     if has_lora(module.dit):
-        adapter = lora_state_dict(module.ema if "ema" in parts else module.dit)
+        trained = module.ema if "ema" in parts else module.dit
+        adapter = lora_state_dict(trained)
+        if getattr(module.dit, "diffusers_lora", False):  # a public base's: also as diffusers' load_lora_weights reads it
+            from sora_train.models.lora import diffusers_lora_state_dict
+
+            diffusers_adapter = diffusers_lora_state_dict(trained)
         parts = {k: merged_copy(m) if k in ("dit", "ema") else m for k, m in parts.items()}
         meta["lora"] = dict(lora) if lora else True
     out = export_parts(out, parts, meta, weights=weights)
     if adapter is not None:
         save_safetensors_atomic(adapter, out / "adapter.safetensors")
+        if diffusers_adapter is not None:
+            from sora_train.models.lora import DIFFUSERS_LORA_NAME
+
+            save_safetensors_atomic(diffusers_adapter, out / DIFFUSERS_LORA_NAME)
     return out
 
 

@@ -34,6 +34,7 @@ REQUIRED = {
     ("experiment", "pretrain_100M"): ["text.path=/models/t5", "data.train_shards=/data/shards"],
     ("experiment", "pretrain_1B"): ["text.path=/models/t5", "data.train_shards=/data/shards"],
     ("experiment", "vae_standard"): ["data.train_shards=/data/shards"],
+    ("experiment", "wan_lora"): ["pretrained=/models/Wan2.1-T2V-1.3B-Diffusers", "data.train_shards=/data/shards"],
 }
 EXTERNAL = {("text", "hf_t5"), ("text", "hf_clip"), ("rewriter", "hf"), ("trainer", "gpu")}
 

@@ -81,6 +81,9 @@ class WanDiT(nn.Module):
             the architecture for weights that come from an export.
     """
 
+    # Its LoRAs are also exported in diffusers' format (models/lora.py), for Wan pipelines.
+    diffusers_lora = True
+
     def __init__(self, transformer: dict[str, Any] | None = None, text_len: int = WAN_TEXT_LEN, base_path: str | None = None,
                  load_weights: bool = False):
         super().__init__()
@@ -112,6 +115,16 @@ class WanDiT(nn.Module):
         self.hidden_size = int(cfg.num_attention_heads * cfg.attention_head_dim)
         self.depth = int(cfg.num_layers)
         self.cond_channels = 0  # text-to-video: no context frames
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; a model built on the meta device (`merged_copy`) gets its rotary
+        tables, which are computed rather than stored, rebuilt where its weights landed."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        rope = self.transformer.rope
+        if any(b.is_meta for b in rope.buffers()):
+            with torch.device(next(self.parameters()).device):
+                self.transformer.rope = type(rope)(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
+        return result
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -194,4 +207,40 @@ def load_wan_dit(path: str, in_channels: int | None = None, text_dim: int | None
     return dit
 
 
-__all__ = ["WAN_COMPONENTS", "WAN_LORA_TARGETS", "WAN_PIPELINES", "WAN_TEXT_LEN", "WAN_TIMESTEP_SCALE", "WanDiT", "load_wan_dit"]
+@torch.no_grad()
+def load_wan_lora(dit: WanDiT, path: str | Path, scale: float = 1.0) -> WanDiT:
+    """Fold a LoRA in diffusers' format (what our Wan exports write as
+    pytorch_lora_weights.safetensors, and what diffusers' Wan LoRAs are) into ``dit``'s weights.
+
+    Every layer it names must be a Linear of this transformer with the shapes it was trained
+    on: a LoRA of another base (another size, another model) is one SoraError naming the file
+    and the first layer that does not fit, before any weight changes."""
+    from safetensors.torch import load_file
+
+    from sora_train.models.local_folder import check_safetensors
+
+    path = Path(path)
+    check_safetensors(path)
+    state = load_file(str(path))
+    layers = {k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")}
+    if not layers:
+        raise SoraError(f"{path}: no '<layer>.lora_A.weight' tensors; expected a LoRA in diffusers' format (pytorch_lora_weights.safetensors)")
+    modules = dict(dit.named_modules())
+    deltas = {}
+    for layer in sorted(layers):
+        name = layer if layer in modules else f"transformer.{layer}" if f"transformer.{layer}" in modules else None
+        a, b = state[f"{layer}.lora_A.weight"], state.get(f"{layer}.lora_B.weight")
+        linear = modules.get(name) if name else None
+        if not isinstance(linear, nn.Linear):
+            raise SoraError(f"{path}: a LoRA of another base: {layer!r} is not a Linear layer of this {WAN_TRANSFORMER}")
+        if b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(linear.weight.shape):
+            raise SoraError(f"{path}: a LoRA of another base: {layer!r} adapts a {tuple(b.shape)[:1] + tuple(a.shape)[1:]} weight, "
+                            f"this model's is {tuple(linear.weight.shape)}")
+        deltas[name] = (b.float() @ a.float()) * scale
+    for name, delta in deltas.items():
+        weight = modules[name].weight
+        weight.add_(delta.to(weight.device, weight.dtype))
+    return dit
+
+
+__all__ = ["WAN_COMPONENTS", "WAN_LORA_TARGETS", "WAN_PIPELINES", "WAN_TEXT_LEN", "WAN_TIMESTEP_SCALE", "WanDiT", "load_wan_dit", "load_wan_lora"]
