@@ -1,7 +1,8 @@
 """Strategies, activation checkpointing and checkpoint consolidation.
 
 Unit tests build every strategy and config on CPU. The multi-process tests train a tiny model
-for real on two CPU ranks over gloo with DDP, ZeRO-2 and ZeRO-3: loss goes down, a checkpoint
+for real on two CPU ranks over gloo with DDP and every ZeRO option (1, 2, 2 + offload, 3, 3 +
+offload): loss goes down, a checkpoint
 is written (sharded for ZeRO), a fresh pair of processes resumes from it and continues with
 exactly the losses the first run had, the checkpoint consolidates to the model's weights, and
 per-rank memory shrinks as ZeRO promises. The pytest process never joins a process group: the
@@ -473,7 +474,10 @@ def _results(out: Path, name: str) -> list[dict]:
     return [json.loads((out / f"{name}{r}.json").read_text()) for r in range(2)]
 
 
-TWO_RANK_STRATEGIES = ("ddp", "deepspeed_stage_2", "deepspeed_stage_3")
+TWO_RANK_STRATEGIES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+                       "deepspeed_stage_3_offload")
+ZERO_STAGE = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_2_offload": 2, "deepspeed_stage_3": 3,
+              "deepspeed_stage_3_offload": 3}
 
 
 @pytest.fixture(scope="module")
@@ -533,7 +537,7 @@ def test_two_rank_train_save_resume_consolidate(two_rank_runs, strategy):
     else:  # one optimizer shard per rank (and one model-states file per rank for ZeRO-3)
         shards = ckpt / "checkpoint"
         assert len(list(shards.glob("*_optim_states.pt"))) == 2
-        assert len(list(shards.glob("zero_pp_rank_*_model_states.pt"))) == (2 if strategy.endswith("3") else 0)
+        assert len(list(shards.glob("zero_pp_rank_*_model_states.pt"))) == (2 if ZERO_STAGE[strategy] == 3 else 0)
 
     out = consolidate_checkpoint(ckpt, run["root"] / "consolidated.safetensors", prefix="model.")
     weights = load_file(out)
@@ -544,7 +548,7 @@ def test_two_rank_train_save_resume_consolidate(two_rank_runs, strategy):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["global_step"] == CKPT_STEP
     if strategy != "ddp":
-        assert (meta["zero_stage"], meta["world_size"]) == (int(strategy[-1]), 2)
+        assert (meta["zero_stage"], meta["world_size"]) == (ZERO_STAGE[strategy], 2)
         # DeepSpeed's own shard reads are weights-only too: plant an object in rank 1's shard.
         tampered = run["root"] / "tampered.ckpt"
         shutil.copytree(ckpt, tampered)
@@ -560,7 +564,7 @@ def test_two_rank_train_save_resume_consolidate(two_rank_runs, strategy):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3"])
+@pytest.mark.parametrize("strategy", list(ZERO_STAGE))
 def test_zero_computes_what_ddp_computes(two_rank_runs, strategy):
     """Same seed, data and optimizer: sharding must not change the numbers (fp32, 2 ranks)."""
     ddp, zero = two_rank_runs["ddp"], two_rank_runs[strategy]
