@@ -57,6 +57,8 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    if hasattr(datamodule, "expect_models"):  # latent sets: refuse latents and text embeddings of other parts than the run's
+        datamodule.expect_models(getattr(module, "vae", None), getattr(module, "text_encoder", None))
     strategy = instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
     trainer_kwargs: dict[str, Any] = {}
     if is_vae_config(cfg):

@@ -239,7 +239,7 @@ def check_latent_set(shard_dir: str, expected_vae_hash: str | None, vae_source: 
     text = index.get("text_hash")
     if expected_text_hash and text and text != expected_text_hash:
         raise SoraError(
-            f"{shard_dir}: text embeddings were made by text encoder {text[:16]}, but data.expected_text_hash is {expected_text_hash[:16]}; "
+            f"{shard_dir}: text embeddings were made by text encoder {text[:16]}, but the run's (or data.expected_text_hash) is {expected_text_hash[:16]}; "
             "re-run `sora-data cache-latents --text` with this encoder, or set data.load_text=false"
         )
     return index
@@ -259,11 +259,12 @@ class LatentSetCheck:
     vae_ckpt: str | None = None
     expected_vae_hash: str | None = None
     expected_text_hash: str | None = None
+    vae_source: str | None = None  # how messages name where expected_vae_hash came from
 
     def expected_vae(self) -> tuple[str | None, str]:
         """(the VAE hash latents must carry, how the message names its source)."""
         if self.expected_vae_hash:
-            return self.expected_vae_hash, f"data.expected_vae_hash ({self.expected_vae_hash[:16]})"
+            return self.expected_vae_hash, f"{self.vae_source or 'data.expected_vae_hash'} ({self.expected_vae_hash[:16]})"
         if self.vae_ckpt:
             return export_fingerprint(self.vae_ckpt, "vae"), f"vae_ckpt={self.vae_ckpt}"
         return None, ""
@@ -360,6 +361,22 @@ class LatentDataModule(VideoDataModule):
             weights = weights or None
         image_ratio = self.image_ratio
         return BucketTable(cfg, self.tokens_per_batch, image_ratio, weights)
+
+    def expect_models(self, vae: nn.Module | None = None, text_encoder: nn.Module | None = None) -> LatentSetCheck:
+        """The run's own frozen parts, built: latent sets must then come from this VAE (unless
+        vae_ckpt or expected_vae_hash already says which) and their cached text embeddings,
+        when the run reads them, from this text encoder (unless expected_text_hash says) —
+        always, not only when a hash is configured. Fingerprinting reads every weight once
+        (seconds per GB)."""
+        check = self.latent_check
+        vae_hash, vae_source = check.expected_vae_hash, check.vae_source
+        if not vae_hash and not check.vae_ckpt and vae is not None:
+            vae_hash, vae_source = vae_fingerprint(vae), f"the run's VAE ({type(vae).__name__})"
+        text_hash = check.expected_text_hash
+        if not text_hash and self.load_text and text_encoder is not None and not getattr(text_encoder, "trainable", False):
+            text_hash = text_fingerprint(text_encoder)
+        self.latent_check = LatentSetCheck(check.vae_ckpt, vae_hash, text_hash, vae_source)
+        return self.latent_check
 
     def check_sets(self) -> None:
         """Refuse every local latent set (train and val) not made by the run's VAE."""

@@ -136,6 +136,20 @@ def test_wan_finetune_chain_on_cached_latents(footage):
          "--num-frames", "17", "--height", "32", "--width", "32", "--dtype", "float32"])
     index = json.loads((latents / "index.json").read_text())
     assert index["vae_hash"] and index["text_hash"]
+    # the run's own VAE and text encoder are always checked against the cache's fingerprints
+    from sora_train.data.latents import LatentDataModule
+    from sora_train.models.export import load_parts
+    from sora_train.models.text.tiny import TinyTextEncoder
+    from sora_train.utils.errors import SoraError
+
+    parts, _ = load_parts(wan, ["vae", "text"])
+    dm = LatentDataModule(str(latents), batch_size=2, num_workers=0)
+    dm.expect_models(parts["vae"], parts["text"])
+    dm.setup("fit")  # the parts that made them: accepted
+    dm = LatentDataModule(str(latents), batch_size=2, num_workers=0)
+    dm.expect_models(parts["vae"], TinyTextEncoder(dim=16, trainable=False))
+    with pytest.raises(SoraError, match="text embeddings were made by text encoder"):
+        dm.setup("fit")
     run_dir = base / "run_latents"
     p = run([str(BIN / "sora-train"), "experiment=wan_lora", f"pretrained={wan}", "data=latents", f"data.train_shards={latents}",
              "data.batch_size=2", *[o for o in TRAIN if not o.startswith("data.tokens")], "data.buckets=null", f"hydra.run.dir={run_dir}"])

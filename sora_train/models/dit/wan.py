@@ -126,11 +126,6 @@ class WanDiT(nn.Module):
                 self.transformer.rope = type(rope)(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
         return result
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The transformer blocks (activation checkpointing and compile wrap them from outside)."""
-        return self.transformer.blocks
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the flow velocity.
 
