@@ -18,6 +18,7 @@ periodic checkpoint.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -153,8 +154,17 @@ class CheckpointPolicy(ModelCheckpoint):
         if trainer.is_global_zero and os.path.exists(partial):
             _remove(partial)
         trainer.strategy.barrier("checkpoint_pre")
-        trainer.save_checkpoint(partial, self.save_weights_only)
-        trainer.strategy.barrier("checkpoint_written")
+        full: BaseException | None = None
+        try:
+            trainer.save_checkpoint(partial, self.save_weights_only)
+        except (OSError, RuntimeError) as e:
+            if not _disk_full(e):
+                raise
+            full = e
+        # Doubles as the "every rank has written" barrier; a rank whose disk filled up must not
+        # leave the others waiting in the next collective.
+        if trainer.strategy.reduce_boolean_decision(full is not None, all=False):
+            self._give_up_on_save(trainer, filepath, partial, full)
         if trainer.is_global_zero:
             _fsync_tree(partial)  # on disk before it gets a real name: survives a node crash too
             if os.path.exists(filepath) or os.path.islink(filepath):
@@ -166,6 +176,44 @@ class CheckpointPolicy(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+
+
+    def _give_up_on_save(self, trainer: pl.Trainer, filepath: str, partial: str, error: BaseException | None) -> None:
+        """Disk full: drop the half-written checkpoint (its space is what the next try needs)
+        and stop every rank with one line that names the directory, the free space and the
+        checkpoint to continue from. Nothing complete was touched: the name of a checkpoint
+        is only ever replaced after its new content is written."""
+        if trainer.is_global_zero and (os.path.exists(partial) or os.path.islink(partial)):
+            _remove(partial)
+        trainer.strategy.barrier("checkpoint_abandoned")
+        directory = os.path.dirname(os.path.abspath(filepath))
+        usage = shutil.disk_usage(directory)
+        previous = _newest_complete(directory) or "none yet"
+        detail = f" ({error.strerror})" if isinstance(error, OSError) and error.strerror else ""
+        raise SoraError(
+            f"checkpoint {os.path.basename(filepath)} of step {trainer.global_step} not written: disk full in {directory}{detail}, "
+            f"{_mib(usage.free)} free of {_mib(usage.total)}; the previous checkpoint is intact ({previous}): "
+            "make room and continue with resume=auto"
+        )
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether a failed write ran out of space (or quota). torch.save reports it as a
+    RuntimeError from its C++ writer ("file write failed"), Python file writes as OSError."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "Disk quota exceeded" in text or "file write failed" in text
+
+
+def _newest_complete(directory: str) -> str | None:
+    """The newest complete numbered checkpoint in ``directory`` (what resume=auto would take)."""
+    found = [(int(m.group(1)), p) for p in Path(directory).glob("*.ckpt") if (m := _STEP_RE.search(p.name))]
+    return str(max(found)[1]) if found else None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def threading_is_main() -> bool:
