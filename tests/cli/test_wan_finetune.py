@@ -162,3 +162,26 @@ def test_wan_finetune_chain_on_cached_latents(footage):
         run([str(BIN / "sora-sample"), "--ckpt", str(ckpt), "--prompt", CAPTION, "--frames", "17", "--height", "32", "--width", "32",
              "--steps", "2", "--out", str(out)])
         assert len(json.loads((out / "samples.json").read_text())) == 1
+
+
+@pytest.mark.slow
+def test_wan_lora_under_zero3_resumes_exactly(footage, tmp_path):
+    """ZeRO-3 + activation checkpointing on the Wan LoRA run; stopped at step 2 and resumed
+    (resume=auto), it logs the losses of a run never stopped; the export comes from the
+    ZeRO checkpoint with the diffusers LoRA beside it."""
+    base, wan = footage
+    common = ["experiment=wan_lora", f"pretrained={wan}", f"data.train_shards={base / 'shards'}", BUCKET, *TRAIN,
+              "strategy=deepspeed_stage_3", "trainer.devices=1", "parallel.activation_checkpointing=true", "callbacks.samples=null",
+              "callbacks.checkpoint.every_n_steps=2", "trainer.max_steps=4"]
+
+    def losses(run_dir: Path) -> list:
+        history = json.loads((run_dir / "plots" / "loss_history.json").read_text())["train/loss"]
+        return [(s, round(v, 6)) for s, v in history]
+
+    run([str(BIN / "sora-train"), *common, f"hydra.run.dir={tmp_path / 'straight'}"])
+    stopped = tmp_path / "stopped"
+    run([str(BIN / "sora-train"), *common, "trainer.max_steps=2", "export=false", f"hydra.run.dir={stopped}"])
+    p = run([str(BIN / "sora-train"), *common, "resume=auto", f"hydra.run.dir={stopped}"])
+    assert "resuming from" in p.stdout + p.stderr
+    assert losses(stopped) == losses(tmp_path / "straight") and len(losses(stopped)) == 4
+    assert (stopped / "export" / "pytorch_lora_weights.safetensors").is_file()
