@@ -66,8 +66,10 @@ def check_component(folder: str | os.PathLike, expected_classes: tuple[str, ...]
             found = cfg.get("_class_name") or (cfg.get("architectures") or [cfg.get("model_type")])[0]
             raise SoraError(f"{cfg_file}: a {found!r}, expected {' or '.join(expected_classes)} ({what})")
     weights = sorted(folder.glob("*.safetensors"))
-    if expected_classes and not weights and not list(folder.glob("*.bin")):
-        raise SoraError(f"{folder}: no weights (*.safetensors) in the {what} folder")
+    if expected_classes and not weights:
+        # Only safetensors are read: a *.bin is a pickle, and nothing a user hands us is unpickled.
+        found = "only pickled *.bin weights" if list(folder.glob("*.bin")) else "no weights"
+        raise SoraError(f"{folder}: {found} in the {what} folder; expected *.safetensors (convert them, or download the safetensors files)")
     for w in weights:
         check_safetensors(w)
     return folder

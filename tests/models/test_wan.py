@@ -143,6 +143,11 @@ def test_bad_folders(wan_dir, tmp_path):
     weights.write_bytes(data[: len(data) // 2])  # a download cut short
     with pytest.raises(SoraError, match=r"diffusion_pytorch_model.safetensors: truncated safetensors file"):
         load_wan_dit(str(other))
+    weights.unlink()
+    torch.save({}, other / "transformer" / "diffusion_pytorch_model.bin")  # a pickle: never read
+    with pytest.raises(SoraError, match=r"transformer: only pickled \*.bin weights in the transformer folder; expected \*.safetensors"):
+        load_wan_dit(str(other))
+    (other / "transformer" / "diffusion_pytorch_model.bin").unlink()
     weights.write_bytes(data)
     shutil.rmtree(other / "tokenizer")
     with pytest.raises(SoraError, match=r"tokenizer: missing tokenizer folder"):

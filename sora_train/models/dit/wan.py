@@ -94,7 +94,7 @@ class WanDiT(nn.Module):
                 raise SoraError("WanDiT: needs a transformer config or base_path (a Wan2.1 diffusers folder)")
             folder = transformer_folder(base_path)
             if load_weights:
-                self.transformer = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+                self.transformer = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, torch_dtype=torch.float32)
             else:
                 self.transformer = cls.from_config(json.loads((folder / "config.json").read_text()))
         else:

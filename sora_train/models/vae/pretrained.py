@@ -224,7 +224,7 @@ def _load_model(path: str, torch_dtype: str, expected_class: str | None = None) 
     if not isinstance(dtype, torch.dtype):
         raise SoraError(f"torch_dtype={torch_dtype!r}: not a torch dtype (float32, bfloat16, float16)")
     diffusers = _import_diffusers()
-    return getattr(diffusers, class_name).from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True).eval()
+    return getattr(diffusers, class_name).from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True).eval()
 
 
 __all__ = ["SUPPORTED_CLASSES", "PretrainedVideoVAE", "load_pretrained_vae"]
