@@ -157,6 +157,9 @@ def test_wan_finetune_chain_on_cached_latents(footage):
     export = run_dir / "export"
     assert (export / "pytorch_lora_weights.safetensors").is_file() and (export / "adapter.safetensors").is_file()
     assert list((run_dir / "samples").rglob("*.mp4"))  # validation samples
+    run([str(BIN / "sora-eval"), "vae", "--vae", str(wan), "--shards", str(base / "shards"), "--num-frames", "17", "--height", "32",
+         "--width", "32", "--max-samples", "2", "--out", str(base / "eval_vae")])  # the Wan VAE where a VAE export goes
+    assert json.loads((base / "eval_vae" / "vae_eval.json").read_text())["vae_hash"] == index["vae_hash"]
     for ckpt in (export, wan):
         out = base / f"samples_{ckpt.name}"
         run([str(BIN / "sora-sample"), "--ckpt", str(ckpt), "--prompt", CAPTION, "--frames", "17", "--height", "32", "--width", "32",
