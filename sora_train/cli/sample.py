@@ -6,6 +6,9 @@
   extend:          sora-sample --ckpt EXPORT --prompt "..." --extend clip.mp4 [--backward]
   interpolate:     sora-sample --ckpt EXPORT --prompt "..." --interpolate a.png b.png
   edit:            sora-sample --ckpt EXPORT --prompt "..." --edit clip.mp4 --strength 0.6
+  a long clip:     sora-sample --ckpt EXPORT --prompt "..." --frames 481 --height 720 --width 1280
+                   (the VAE decodes in chunks of 4 latent frames and 256 px tiles by default;
+                   --chunk-frames N / --tile PX set them, 0 turns either off)
   expand prompts:  sora-sample --ckpt EXPORT --prompt "a kite" --rewriter template
 
 Every video is written through sora_train.provenance: container metadata saying it is
@@ -59,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewriter", help="expand prompts with this conf/rewriter option first (e.g. template, openai)")
     p.add_argument("--rewriter-opt", action="append", default=[], metavar="KEY=VALUE", help="override a re-writer option (repeatable)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--chunk-frames", type=int, metavar="N",
+                   help="VAE decode in chunks of N latent frames (exact; 0 = in one go; default: 4 when the clip has more)")
+    p.add_argument("--tile", type=int, metavar="PX",
+                   help="VAE decode in overlapping PX x PX tiles (blended; 0 = off; default: 256 above 512 pixels)")
     p.add_argument("--out", default="outputs/samples", help="output directory")
     return p
 
@@ -105,6 +112,9 @@ def read_video(path: str) -> tuple[np.ndarray, float]:
 @one_line_errors
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from sora_train.utils.malloc import fix_mmap_threshold
+
+    fix_mmap_threshold()  # RSS follows live tensors through a long chunked decode (utils/malloc.py)
     import torch
 
     from sora_train.training.pipeline import VideoPipeline
@@ -115,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [scrub(p) for p in read_prompts(args)]
     default_provenance().warn_if_unsigned()  # a bad or missing signing identity: one line, before the slow part
     pipe = VideoPipeline.from_export(args.ckpt, use_ema=not args.no_ema, rewriter=rewriter_from_option(args.rewriter, args.rewriter_opt), vae_path=args.vae)
+    pipe.set_decoding("auto" if args.chunk_frames is None else args.chunk_frames, "auto" if args.tile is None else args.tile)
     shape = pipe.meta.get("train_shape") or {}
     frames = args.frames or shape.get("num_frames") or 1 + 4 * pipe.vae.temporal_factor
     height = args.height or shape.get("height") or 32

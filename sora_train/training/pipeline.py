@@ -36,6 +36,16 @@ from sora_train.utils.precision import autocast_off, module_device, module_dtype
 
 MODES = ("t2v", "i2v", "extend_forward", "extend_backward", "interpolate", "edit")
 
+# Decoding a clip in one go holds the VAE decoder's activations for every frame and pixel at
+# once (for the 4x8x8 VAE, 64 channels at full resolution: 16 KB per pixel per layer), so
+# memory grows with the clip. Above these sizes the decode streams instead: chunks of latent
+# frames (exact: the causal convs carry their past frames across chunks) and, for large
+# frames, overlapping spatial tiles (blended; approximate near tile borders). "auto" in
+# `set_decoding` means these; None turns a step off.
+DECODE_CHUNK_FRAMES = 4  # latent frames per chunk (16 pixel frames at 4x), when a clip has more
+DECODE_TILE = 256  # pixels per tile side (a multiple of every VAE's spatial factor here) ...
+DECODE_TILE_ABOVE = 512  # ... when the height or width exceeds this
+
 
 @dataclass
 class Generation:
@@ -267,11 +277,34 @@ class VideoPipeline:
             z = self.vae.encode(pixels.to(module_device(self.vae), module_dtype(self.vae))).mode()
             return self.vae.normalize(z).float()
 
+    decode_chunk_frames: int | str | None = "auto"
+    decode_tile: int | str | None = "auto"
+
+    def set_decoding(self, chunk_frames: int | str | None = "auto", tile: int | str | None = "auto") -> "VideoPipeline":
+        """How the VAE decodes: latent frames per chunk and tile size in pixels; "auto" (the
+        defaults above DECODE_CHUNK_FRAMES / DECODE_TILE_ABOVE), None or 0 for one go."""
+        for name, v in (("chunk_frames", chunk_frames), ("tile", tile)):
+            if v != "auto" and v is not None and (not isinstance(v, int) or v < 0):
+                raise SoraError(f"decode {name}={v!r}: expected 'auto', None or an int >= 0 (0 = off)")
+        self.decode_chunk_frames, self.decode_tile = chunk_frames or None, tile or None
+        return self
+
+    def decode_options(self, f: int, h: int, w: int) -> dict[str, int | None]:
+        """The VAE decode's chunk_frames / tile for an (f, h, w) latent, from `set_decoding`."""
+        chunk, tile = self.decode_chunk_frames, self.decode_tile
+        if chunk == "auto":
+            chunk = DECODE_CHUNK_FRAMES if f > 1 + DECODE_CHUNK_FRAMES else None
+        if tile == "auto":
+            sf = self.vae.spatial_factor
+            tile = DECODE_TILE if max(h, w) * sf > DECODE_TILE_ABOVE and DECODE_TILE % sf == 0 else None
+        return {"chunk_frames": chunk, "tile": tile}
+
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> (B, 3, F, H, W) in [-1, 1], fp32 on the CPU."""
+        """Normalised latents -> (B, 3, F, H, W) in [-1, 1], fp32 on the CPU; chunked / tiled
+        as `decode_options` says."""
         with autocast_off(module_device(self.vae)):
             z = self.vae.denormalize(latents.to(module_device(self.vae), module_dtype(self.vae)))
-            return self.vae.decode(z).float().clamp(-1, 1).cpu()
+            return self.vae.decode(z, **self.decode_options(*z.shape[2:])).float().clamp_(-1, 1).cpu()
 
     def _text(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_off(module_device(self.text_encoder)):
