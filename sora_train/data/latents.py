@@ -34,6 +34,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -45,7 +46,7 @@ from sora_train.data.datamodule import VideoDataModule
 from sora_train.data.dataset import LoadedSample, PendingSample, ShardVideoDataset, SkipSample, expand_shards
 from sora_train.data.shards import INDEX_NAME, read_index, shape_key
 from sora_train.utils.errors import SoraError
-from sora_train.utils.exports import export_fingerprint, module_fingerprint
+from sora_train.utils.exports import CONFIG_NAME, export_fingerprint, module_fingerprint
 from sora_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -370,8 +371,10 @@ class LatentDataModule(VideoDataModule):
         (seconds per GB)."""
         check = self.latent_check
         vae_hash, vae_source = check.expected_vae_hash, check.vae_source
-        if not vae_hash and not check.vae_ckpt and vae is not None:
-            vae_hash, vae_source = vae_fingerprint(vae), f"the run's VAE ({type(vae).__name__})"
+        # vae_ckpt may be a public base's folder (no model.json to fingerprint): the run's VAE was built from it
+        ckpt_is_export = bool(check.vae_ckpt) and (Path(check.vae_ckpt) / CONFIG_NAME).is_file()
+        if not vae_hash and not ckpt_is_export and vae is not None:
+            vae_hash, vae_source = vae_fingerprint(vae), f"the run's VAE ({check.vae_ckpt or type(vae).__name__})"
         text_hash = check.expected_text_hash
         if not text_hash and self.load_text and text_encoder is not None and not getattr(text_encoder, "trainable", False):
             text_hash = text_fingerprint(text_encoder)

@@ -1,5 +1,10 @@
 """Public base models as exports: a local diffusers pipeline folder read where an export is.
 
+A bare diffusers video-VAE folder (AutoencoderKLWan / LTXVideo / CogVideoX, config.json with
+its ``_class_name``), and the vae/ of any pipeline folder when only a VAE is asked for, are read
+as an export holding a ``vae`` part: ``vae_ckpt=``, ``cache-latents --vae`` and ``sora-eval vae``
+take them.
+
 `load_parts` (models/export.py) hands a folder with ``model_index.json`` to `load_base_parts`,
 so ``sora-sample --ckpt``, ``init_from=``, ``vae_ckpt=``, ``sora-data cache-latents --vae`` and
 ``sora-eval vae`` take a Wan2.1 folder as they take one of our exports. The parts are our
@@ -28,8 +33,27 @@ WAN_DEFAULT_SHIFT = 3.0
 
 
 def is_base_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a diffusers pipeline folder (rather than one of our exports)."""
-    return (Path(path).expanduser() / "model_index.json").is_file()
+    """Whether ``path`` is a diffusers pipeline folder or a diffusers video-VAE folder (rather
+    than one of our exports)."""
+    p = Path(path).expanduser()
+    if (p / "model.json").is_file():  # ours
+        return False
+    return (p / "model_index.json").is_file() or vae_folder_class(p) is not None
+
+
+def vae_folder_class(path: Path) -> str | None:
+    """The class of a bare diffusers video-VAE folder (config.json naming one of the adapted
+    VAE classes), else None."""
+    from sora_train.models.vae.pretrained import SUPPORTED_CLASSES
+
+    cfg = path / "config.json"
+    if (path / "model_index.json").is_file() or not cfg.is_file():
+        return None
+    try:
+        name = json.loads(cfg.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if name in SUPPORTED_CLASSES else None
 
 
 def scheduler_shift(root: Path, default: float) -> float:
@@ -58,16 +82,21 @@ def load_base_parts(path: str | Path, names: list[str] | None = None) -> tuple[d
     ``dit``, ``text``, ``vae`` (only those in ``names``, when given)."""
     from sora_train.models.local_folder import check_pipeline_folder
 
+    from sora_train.models.vae.pretrained import load_pretrained_vae
+
     root = Path(path).expanduser()
+    if vae_folder_class(root) is not None or not (root / "model_index.json").is_file():  # a VAE alone: only a "vae" part
+        return ({"vae": load_pretrained_vae(str(root)).eval()} if names is None or "vae" in names else {}), {"task": "vae", "base": {"path": str(root)}}
     try:
         cls = json.loads((root / "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError) as e:
         raise SoraError(f"{root / 'model_index.json'}: not valid JSON ({e})") from None
     if cls not in BASE_PIPELINES:
+        if names is not None and set(names) <= {"vae"}:  # any pipeline's adapted VAE (LTX-Video, CogVideoX) where a VAE export goes
+            return {"vae": load_pretrained_vae(str(root)).eval()}, {"task": "vae", "base": {"pipeline": cls, "path": str(root)}}
         raise SoraError(f"{root / 'model_index.json'}: a {cls!r} folder; supported base models: {', '.join(BASE_PIPELINES)} (or one of our exports)")
     from sora_train.models.dit.wan import WAN_COMPONENTS, load_wan_dit
     from sora_train.models.text.umt5 import WanTextEncoder
-    from sora_train.models.vae.pretrained import load_pretrained_vae
 
     wanted = [n for n in ("dit", "text", "vae") if names is None or n in names]
     sub = {"dit": ["transformer"], "text": ["text_encoder", "tokenizer"], "vae": ["vae"]}

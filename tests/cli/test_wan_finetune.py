@@ -151,7 +151,7 @@ def test_wan_finetune_chain_on_cached_latents(footage):
     with pytest.raises(SoraError, match="text embeddings were made by text encoder"):
         dm.setup("fit")
     run_dir = base / "run_latents"
-    p = run([str(BIN / "sora-train"), "experiment=wan_lora", f"pretrained={wan}", "data=latents", f"data.train_shards={latents}",
+    p = run([str(BIN / "sora-train"), "experiment=wan_lora", f"pretrained={wan}", f"vae_ckpt={wan}", "data=latents", f"data.train_shards={latents}",
              "data.batch_size=2", *[o for o in TRAIN if not o.startswith("data.tokens")], "data.buckets=null", f"hydra.run.dir={run_dir}"])
     assert "initialised from" in p.stdout + p.stderr
     export = run_dir / "export"

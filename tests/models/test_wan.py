@@ -231,3 +231,20 @@ def test_activation_checkpointing_wraps_the_transformer_blocks(wan_dir):
         m(x, t, text, mask).square().mean().backward()
     for a, b in zip(dit.parameters(), ref.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_a_vae_folder_reads_as_a_vae_export(wan_dir, tmp_path):
+    """A bare diffusers VAE folder, and another pipeline's vae/ when only a VAE is asked for."""
+    from sora_train.models.export import load_parts
+
+    bare = tmp_path / "vae_only"
+    shutil.copytree(wan_dir / "vae", bare)
+    parts, meta = load_parts(bare)
+    assert set(parts) == {"vae"} and meta["task"] == "vae" and parts["vae"].latent_channels == 16
+    other = tmp_path / "ltx_like"
+    shutil.copytree(wan_dir, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "SomeOtherPipeline"}))
+    assert set(load_parts(other, ["vae"])[0]) == {"vae"}
+    with pytest.raises(SoraError, match="supported base models: WanPipeline"):
+        load_parts(other, ["dit", "vae"])
