@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="text to steer away from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw DiT weights instead of the EMA")
+    p.add_argument("--lora", metavar="FILE", help="a Wan LoRA in diffusers' format (pytorch_lora_weights.safetensors) folded into a Wan base or export")
     p.add_argument("--rewriter", help="expand prompts with this conf/rewriter option first (e.g. template, openai)")
     p.add_argument("--rewriter-opt", action="append", default=[], metavar="KEY=VALUE", help="override a re-writer option (repeatable)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -125,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [scrub(p) for p in read_prompts(args)]
     default_provenance().warn_if_unsigned()  # a bad or missing signing identity: one line, before the slow part
     pipe = VideoPipeline.from_export(args.ckpt, use_ema=not args.no_ema, rewriter=rewriter_from_option(args.rewriter, args.rewriter_opt), vae_path=args.vae)
+    if args.lora:
+        from sora_train.models.dit.wan import WanDiT, load_wan_lora
+
+        if not isinstance(pipe.dit, WanDiT):
+            raise SoraError(f"--lora {args.lora}: a diffusers-format LoRA applies to a Wan2.1 base or export; {args.ckpt} holds a {type(pipe.dit).__name__}")
+        load_wan_lora(pipe.dit, args.lora)
     pipe.set_decoding("auto" if args.chunk_frames is None else args.chunk_frames, "auto" if args.tile is None else args.tile)
     shape = pipe.meta.get("train_shape") or {}
     frames = args.frames or shape.get("num_frames") or 1 + 4 * pipe.vae.temporal_factor

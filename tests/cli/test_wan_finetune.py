@@ -126,6 +126,36 @@ def test_lora_of_another_base_is_refused(lora_run, tmp_path):
         load_wan_lora(other, export / "pytorch_lora_weights.safetensors")
 
 
+def test_sora_sample_lora_on_the_base_is_the_merged_export(lora_run, tmp_path):
+    """The base + the exported diffusers LoRA (sora-sample --lora) samples what the merged
+    export does; a LoRA whose shapes do not fit is one line naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    from sora_train.models.dit.wan import load_wan_lora
+    from sora_train.training.pipeline import VideoPipeline
+
+    export, wan = lora_run
+    lora = export / "pytorch_lora_weights.safetensors"
+    base = VideoPipeline.from_export(wan)
+    load_wan_lora(base.dit, lora)
+    kw = dict(steps=2, guidance_scale=5.0, negative_prompt=NEGATIVE, seed=1)
+    a = base.generate([PROMPT], 5, 32, 32, **kw).video
+    b = VideoPipeline.from_export(export).generate([PROMPT], 5, 32, 32, **kw).video
+    assert (a - b).abs().max().item() <= 1e-4
+
+    bad = load_file(str(lora))
+    key = next(k for k in bad if k.endswith("lora_A.weight"))
+    bad[key] = bad[key][:, :-1].contiguous()  # trained on a narrower model
+    save_file(bad, str(tmp_path / "other.safetensors"))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    p = subprocess.run([str(BIN / "sora-sample"), "--ckpt", str(wan), "--lora", str(tmp_path / "other.safetensors"), "--prompt", PROMPT,
+                        "--frames", "5", "--height", "32", "--width", "32", "--steps", "1", "--out", str(tmp_path / "s")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert "other.safetensors: a LoRA of another base" in last and "Traceback" not in p.stderr
+
+
 @pytest.mark.slow
 def test_wan_finetune_chain_on_cached_latents(footage):
     """ingest -> cache-latents --vae/--text <Wan folder> -> sora-train experiment=wan_lora on the
