@@ -81,6 +81,45 @@ def world_size(cfg, gpus: int | None) -> int:
     return int(devices) * nodes
 
 
+def init_from(cfg) -> str | None:
+    """The run's ``init_from`` (an export or base folder whose architecture the run trains), or None."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(cfg, "init_from", default=None)
+    except Exception:  # e.g. ${pretrained} with pretrained: ??? (experiment=wan_lora)
+        raise SoraError("init_from is not set: this experiment fine-tunes a given model (e.g. pretrained=FOLDER); "
+                        "sora-plan reads its architecture from that folder") from None
+    return None if value in (None, "") else str(value)
+
+
+def models_from_export(path: str, vae):
+    """(vae, dit) on the meta device from an export's model.json: fine-tuning trains the
+    export's architecture, not the config's ``dit`` size (docs/architecture.md)."""
+    from sora_train.models.bases import is_base_folder
+    from sora_train.models.dit.dit import DiT
+    from sora_train.models.vae.causal_vae import CausalVAE
+    from sora_train.utils.exports import read_export_spec
+
+    if is_base_folder(path):
+        raise SoraError(f"init_from={path}: a public base model's folder; sora-plan knows the activations of sora_train's DiT only")
+    try:
+        parts = read_export_spec(path)["parts"]
+    except SoraError as e:
+        raise SoraError(f"init_from={path}: the run trains that export's architecture, and it is not readable here ({e})") from None
+    def path_of(cls: type) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    dit_part = parts.get("dit") or {}
+    if dit_part.get("target") != path_of(DiT):
+        raise SoraError(f"init_from={path}: its DiT is {dit_part.get('target')!r}; sora-plan knows sora_train's DiT only")
+    config = {k: v for k, v in (dit_part.get("config") or {}).items() if k not in DiT.RETIRED_CONFIG_KEYS}
+    vae_part = parts.get("vae") or {}
+    if vae_part.get("target") == path_of(CausalVAE):
+        vae = CausalVAE(**vae_part.get("config", {}))
+    return vae, DiT(**config)
+
+
 def plan_from_config(cfg, args: argparse.Namespace) -> dict:
     """Everything the table shows, as plain values."""
     import torch
@@ -94,12 +133,20 @@ def plan_from_config(cfg, args: argparse.Namespace) -> dict:
     if str(OmegaConf.select(cfg, "task._target_", default="")).endswith("VAEModule"):
         raise SoraError("sora-plan plans DiT training; this config trains the VAE (task=vae)")
     notes: list[str] = []
+    base = init_from(cfg)
     with torch.device("meta"):
         vae = instantiate(cfg.vae)
-        tdim, note = text_dim(cfg.text)
-        dit = instantiate(cfg.dit)(in_channels=vae.latent_channels, text_dim=tdim)
-    if note:
-        notes.append(note)
+        if base:
+            vae, dit = models_from_export(base, vae)
+            notes.append(f"architecture from init_from={base}")
+        else:
+            tdim, note = text_dim(cfg.text)
+            dit = instantiate(cfg.dit)(in_channels=vae.latent_channels, text_dim=tdim)
+            if note:
+                notes.append(note)
+    if OmegaConf.select(cfg, "lora", default=None):
+        notes.append("LoRA: only the adapters train, so gradients and optimizer state are far below these "
+                     "(the plan counts full training: an upper bound)")
     if not all(hasattr(dit, a) for a in ("hidden_size", "depth", "num_heads", "patch_size")):
         raise SoraError(f"sora-plan knows the activations of sora_train's DiT; {type(dit).__name__} is not one")
     shape = dit_shape(dit)
@@ -132,7 +179,8 @@ def plan_from_config(cfg, args: argparse.Namespace) -> dict:
     tokens = geometry.tokens(F, H, W, shape.patch_size)
     plan = plan_memory(shape, tokens, setup)
     gpu_bytes = args.gpu_mem * 1e9
-    longest = longest_clip(shape, geometry, H, W, Setup(micro_batch=1, **setup_kwargs), gpu_bytes)
+    max_frames = 1 + geometry.temporal_factor * 2**14  # 16k latent frames: hours of video
+    longest = longest_clip(shape, geometry, H, W, Setup(micro_batch=1, **setup_kwargs), gpu_bytes, max_frames=max_frames)
     fps = OmegaConf.select(cfg, "data.target_fps", default=None)
     return {
         "dit": {"params": shape.num_params, "hidden_size": shape.hidden_size, "depth": shape.depth, "num_heads": shape.num_heads},
@@ -141,7 +189,7 @@ def plan_from_config(cfg, args: argparse.Namespace) -> dict:
         "bytes": {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer, "buffers": plan.buffers,
                   "activations": plan.activations, "optimizer_step": plan.optimizer_step, "gpu": plan.gpu, "cpu": plan.cpu},
         "fits": plan.fits(gpu_bytes),
-        "longest_clip": {"num_frames": longest, "height": H, "width": W,
+        "longest_clip": {"num_frames": longest, "height": H, "width": W, "at_least": longest >= max_frames - geometry.temporal_factor * shape.patch_size[0],
                          "seconds": round((longest - 1) / float(fps), 2) if (fps and longest) else None},
         "notes": notes + plan.notes,
     }
@@ -175,7 +223,8 @@ def print_table(p: dict) -> None:
     lc = p["longest_clip"]
     if lc["num_frames"]:
         secs = f" ({lc['seconds']} s at data.target_fps)" if lc["seconds"] is not None else ""
-        console.print(f"longest clip that fits at {lc['height']}x{lc['width']}, batch 1: {lc['num_frames']} frames{secs}")
+        more = " or more (the search stops there)" if lc["at_least"] else ""
+        console.print(f"longest clip that fits at {lc['height']}x{lc['width']}, batch 1: {lc['num_frames']} frames{more}{secs}")
     else:
         console.print(f"no clip fits at {lc['height']}x{lc['width']}, batch 1: the model states alone are too big; raise the ZeRO stage or offload")
     for n in p["notes"]:

@@ -114,3 +114,26 @@ def test_sora_plan_bad_input_is_one_line(argv, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_sora_plan_reads_the_architecture_of_init_from(tmp_path, capsys):
+    """Fine-tuning trains the export's DiT, whatever size the config names."""
+    from sora_train.cli.plan import main
+    from sora_train.models.export import export_parts
+    from sora_train.models.text import TinyTextEncoder
+    from sora_train.models.vae import build_vae
+
+    text = TinyTextEncoder(dim=32, depth=1, num_heads=2)
+    vae = build_vae("debug")
+    dit = build_dit("debug", in_channels=vae.latent_channels, text_dim=text.dim, hidden_size=96, depth=3, num_heads=2)
+    export = export_parts(tmp_path / "export", {"vae": vae, "text": text, "dit": dit}, {"task": "dit"})
+    main(["experiment=finetune_full", f"init_from={export}", "--json"])
+    p = json.loads(capsys.readouterr().out)
+    assert (p["dit"]["hidden_size"], p["dit"]["depth"], p["dit"]["params"]) == (96, 3, dit.num_params())
+    with pytest.raises(SystemExit):
+        main(["experiment=finetune_full", f"init_from={tmp_path / 'nothing'}"])
+    err = capsys.readouterr().err.strip()
+    assert "init_from=" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["experiment=wan_lora"])  # pretrained: ??? (or a Wan folder): one line, not a traceback
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
