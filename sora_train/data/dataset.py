@@ -39,6 +39,7 @@ from sora_train.data.buckets import Bucket, BucketTable
 from sora_train.data.shards import ALLOWED_EXTS, INDEX_NAME, UnreadableShard, iter_tar_samples, shard_paths
 from sora_train.data.transforms import crop_offsets, frame_indices, resize_for_crop, resize_frames
 from sora_train.data.video_io import DECODERS, IMAGE_EXTS, VIDEO_EXTS, decode_image, decode_video
+from sora_train.utils.dist_groups import ENV as SP_ENV
 from sora_train.utils.errors import SoraError
 from sora_train.utils.logging import get_logger
 
@@ -121,9 +122,14 @@ class WorkerState:
 
 
 def _dist_info() -> tuple[int, int]:
+    """(rank, world) to shard data by: the data-parallel ones. The ranks of one sequence-parallel
+    group (sora_train.utils.dist_groups) split one sample's tokens, so they read the same data."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    sp = max(1, int(os.environ.get(SP_ENV, "1")))
+    return rank // sp, max(1, world // sp)
 
 
 

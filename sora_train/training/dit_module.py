@@ -68,6 +68,7 @@ class DiTModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self._frozen: dict[str, nn.Module] = {}  # not submodules: see the module docstring
+        self.sequence_parallel_size = 1  # set by the recipe (parallel.sequence_parallel_size)
         self.vae_dtype = parse_dtype(vae_dtype, "task.vae_dtype")
         self.text_dtype = parse_dtype(text_dtype, "task.text_dtype") if text_dtype else None
         self.vae = vae
@@ -127,6 +128,29 @@ class DiTModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.place_frozen(self.trainer.strategy.root_device)
+        if self.sequence_parallel_size > 1 and not hasattr(self.dit, "_sequence_parallel"):
+            self._setup_sequence_parallel()
+
+    def _setup_sequence_parallel(self) -> None:
+        """Split the DiT's tokens over the SP group (needs the process group, so not at build
+        time). Every bucket's token count must divide: checked here, not at its first batch."""
+        from sora_train.parallel.sequence import apply_sequence_parallel, init_sequence_parallel
+        from sora_train.utils.dist_groups import sequence_parallel
+        from sora_train.utils.errors import SoraError
+
+        sp = self.sequence_parallel_size
+        group = init_sequence_parallel(sp)
+        _, size, rank = sequence_parallel()
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.vae is not None and dm is not None and hasattr(dm, "make_buckets"):
+            pt, ph, pw = self.dit.patch_size
+            for b in dm.make_buckets().buckets:
+                f, h, w = self.vae.latent_shape(b.num_frames, b.height, b.width)
+                n = (f // pt) * (h // ph) * (w // pw)
+                if n % sp:
+                    raise SoraError(f"parallel.sequence_parallel_size={sp} does not divide the {n} tokens of bucket "
+                                    f"{b.num_frames}x{b.height}x{b.width}; choose bucket shapes whose token count is a multiple of it")
+        apply_sequence_parallel(self.dit, group, size, rank)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before the frozen parts left the module tree hold their weights;
@@ -215,7 +239,10 @@ class DiTModule(pl.LightningModule):
             for name, (total, count) in loss_by_timestep_bins(out["loss_per_sample"].detach(), out["t"], self.loss_bins).items():
                 if count > 0:
                     self.log(f"train/{name}", total / count, batch_size=int(count))
-        return out["loss"]
+        # Sequence parallelism: each of the P ranks of a group backpropagates the group's loss
+        # through its own tokens only, and DDP/ZeRO average gradients over all ranks; times P,
+        # the average is over data-parallel groups, as without it.
+        return out["loss"] * self.sequence_parallel_size
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # Fixed noise and timesteps per batch so validation curves compare across steps.

@@ -44,10 +44,14 @@ class Parallelism:
             for video, see docs/strategies.md).
         compile: ``torch.compile`` each block (off by default: compile time dominates short
             and CPU runs).
+        sequence_parallel_size: split each sample's tokens over this many ranks (Ulysses,
+            ``sora_train.parallel.sequence``); applied when the process group exists
+            (``DiTModule.setup``), after the two above.
     """
 
     activation_checkpointing: bool = False
     compile: bool = False
+    sequence_parallel_size: int = 1
 
 
 def is_vae_task(task: Callable[..., Any]) -> bool:
@@ -127,6 +131,7 @@ def build_dit_task(task: Callable[..., Any], *, dit: Callable[..., nn.Module] | 
         from sora_train.parallel.strategies import apply_parallelism
 
         apply_parallelism(module.dit, activation_checkpointing=parallel.activation_checkpointing, compile=parallel.compile)
+        module.sequence_parallel_size = int(parallel.sequence_parallel_size)
     return module
 
 

@@ -136,9 +136,13 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh), strided views
         q = apply_rope(self.q_norm(q), *rope)  # (B, H, N, Dh)
         k = apply_rope(self.k_norm(k), *rope)  # (B, H, N, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
+        x = self.attend(q, k, v)  # (B, H, N, Dh)
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj(x)  # (B, N, D)
+
+    # Exact attention over the tokens given; sequence parallelism replaces it from outside with
+    # an exchange that gives each rank all tokens for a share of the heads.
+    attend = staticmethod(F.scaled_dot_product_attention)
 
 
 class CrossAttention(nn.Module):

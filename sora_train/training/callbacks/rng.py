@@ -88,8 +88,10 @@ class RNGState(pl.Callback):
         self._state: dict[str, Any] | None = None  # this rank's state after the last training batch
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.seed is not None and trainer.world_size > 1:
-            seed_rank(self.seed, trainer.global_rank)
+        # The ranks of a sequence-parallel group work on one sample: one stream per group.
+        sp = max(1, int(getattr(pl_module, "sequence_parallel_size", 1)))
+        if stage == "fit" and self.seed is not None and trainer.world_size // sp > 1:
+            seed_rank(self.seed, trainer.global_rank // sp)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._state is not None:

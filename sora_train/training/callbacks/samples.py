@@ -50,7 +50,9 @@ class SampleVideos(pl.Callback):
     @staticmethod
     def _ranks_sample(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether this rank takes part: rank 0, and every rank when parameters are partitioned."""
-        return trainer.is_global_zero or any(hasattr(p, "ds_id") for p in pl_module.parameters())
+        sampled = getattr(pl_module, "ema", None) if getattr(pl_module, "ema", None) is not None else pl_module.dit
+        return (trainer.is_global_zero or any(hasattr(p, "ds_id") for p in pl_module.parameters())
+                or hasattr(sampled, "_sequence_parallel"))  # a sequence-parallel DiT's forward is collective
 
     @torch.no_grad()
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Path]:
