@@ -67,6 +67,43 @@ def text_dim(text_cfg) -> tuple[int, str | None]:
         return DEFAULT_TEXT_DIM, f"text width {DEFAULT_TEXT_DIM} assumed (text.path not readable here); it changes only the text projection"
 
 
+# T5-v1_1-XXL's encoder (4.76e9 parameters), assumed when a frozen HF encoder's folder is not
+# readable here: the text encoder of the pretrain_* experiments.
+DEFAULT_TEXT_PARAMS = 4.76e9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def text_params(text_cfg) -> tuple[float, str | None]:
+    """Parameters of a frozen HF text encoder: T5/UMT5 encoders counted from config.json
+    (embedding + per layer 4 d_model d_kv heads attention + 3 d_model d_ff gated MLP)."""
+    try:
+        c = json.loads((Path(str(text_cfg.get("path"))) / "config.json").read_text())
+        d, layers, heads, d_kv, d_ff = c["d_model"], c["num_layers"], c["num_heads"], c["d_kv"], c["d_ff"]
+        mlp = (3 if c.get("is_gated_act", "gated" in str(c.get("feed_forward_proj", ""))) else 2) * d * d_ff
+        return float(c["vocab_size"] * d + layers * (4 * d * d_kv * heads + mlp)), None
+    except Exception:
+        return DEFAULT_TEXT_PARAMS, (f"frozen text encoder assumed T5-XXL-sized ({DEFAULT_TEXT_PARAMS / 1e9:.2f}B params; "
+                                     "text.path not readable here)")
+
+
+def frozen_bytes(cfg, vae, notes: list[str]) -> float:
+    """Weights of the parts outside the strategy, on every rank: the VAE (task.vae_dtype) and a
+    frozen text encoder (task.text_dtype, else text.dtype). A trainable tiny encoder is trained
+    with the DiT and small; it is left out."""
+    from omegaconf import OmegaConf
+
+    vae_dtype = str(OmegaConf.select(cfg, "task.vae_dtype", default="float32") or "float32")
+    total = sum(p.numel() for p in vae.parameters()) * DTYPE_BYTES.get(vae_dtype, 4)
+    trainable = OmegaConf.select(cfg, "text.trainable", default=None)
+    if not OmegaConf.select(cfg, "text.dim", default=None) and trainable is not True:  # an HF encoder, frozen
+        n, note = text_params(cfg.text)
+        if note:
+            notes.append(note)
+        dtype = str(OmegaConf.select(cfg, "task.text_dtype", default=None) or OmegaConf.select(cfg, "text.dtype", default="float32"))
+        total += n * DTYPE_BYTES.get(dtype, 4)
+    return float(total)
+
+
 def world_size(cfg, gpus: int | None) -> int:
     from omegaconf import OmegaConf
 
@@ -177,16 +214,17 @@ def plan_from_config(cfg, args: argparse.Namespace) -> dict:
     )
     setup = Setup(micro_batch=batch, **setup_kwargs)
     tokens = geometry.tokens(F, H, W, shape.patch_size)
-    plan = plan_memory(shape, tokens, setup)
+    frozen = frozen_bytes(cfg, vae, notes)
+    plan = plan_memory(shape, tokens, setup, frozen)
     gpu_bytes = args.gpu_mem * 1e9
     max_frames = 1 + geometry.temporal_factor * 2**14  # 16k latent frames: hours of video
-    longest = longest_clip(shape, geometry, H, W, Setup(micro_batch=1, **setup_kwargs), gpu_bytes, max_frames=max_frames)
+    longest = longest_clip(shape, geometry, H, W, Setup(micro_batch=1, **setup_kwargs), gpu_bytes, max_frames=max_frames, frozen_bytes=frozen)
     fps = OmegaConf.select(cfg, "data.target_fps", default=None)
     return {
         "dit": {"params": shape.num_params, "hidden_size": shape.hidden_size, "depth": shape.depth, "num_heads": shape.num_heads},
         "setup": {**setup_kwargs, "micro_batch": batch, "gpu_mem_gb": args.gpu_mem},
         "clip": {"num_frames": F, "height": H, "width": W, "tokens": tokens},
-        "bytes": {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer, "buffers": plan.buffers,
+        "bytes": {"frozen": plan.frozen, "params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer, "buffers": plan.buffers,
                   "activations": plan.activations, "optimizer_step": plan.optimizer_step, "gpu": plan.gpu, "cpu": plan.cpu},
         "fits": plan.fits(gpu_bytes),
         "longest_clip": {"num_frames": longest, "height": H, "width": W, "at_least": longest >= max_frames - geometry.temporal_factor * shape.patch_size[0],
@@ -208,7 +246,8 @@ def print_table(p: dict) -> None:
     t.add_column("per rank")
     t.add_column("GB", justify="right")
     t.add_column("what")
-    t.add_row("parameters", gb(b["params"]), "weights held on the GPU")
+    t.add_row("frozen parts", gb(b["frozen"]), "VAE and a frozen text encoder, outside the strategy: on every rank")
+    t.add_row("parameters", gb(b["params"]), "the DiT's weights held on the GPU")
     t.add_row("gradients", gb(b["grads"]), "")
     t.add_row("optimizer state", gb(b["optimizer"]), "Adam moments (+ fp32 master under DeepSpeed)")
     t.add_row("buffers", gb(b["buffers"]), "communication buckets, gathered ZeRO-3 blocks")

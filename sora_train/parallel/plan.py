@@ -125,6 +125,7 @@ class MemoryPlan:
     cpu: float
     tokens: int
     notes: list[str] = field(default_factory=list)
+    frozen: float = 0.0  # parts outside the strategy, replicated on every rank: the VAE, a frozen text encoder
 
     @property
     def states(self) -> float:
@@ -133,7 +134,7 @@ class MemoryPlan:
     @property
     def gpu(self) -> float:
         """Peak: states + buffers + the larger of the backward's activations and the step's temporaries."""
-        return self.states + self.buffers + max(self.activations, self.optimizer_step)
+        return self.frozen + self.states + self.buffers + max(self.activations, self.optimizer_step)
 
     def fits(self, gpu_bytes: float) -> bool:
         return self.gpu <= gpu_bytes
@@ -186,7 +187,8 @@ def activation_bytes(dit: DiTShape, tokens: int, setup: Setup) -> float:
     return float(setup.micro_batch * (kept + working + OUTSIDE_ND * n * D) * bytes_per)
 
 
-def plan_memory(dit: DiTShape, tokens: int, setup: Setup) -> MemoryPlan:
+def plan_memory(dit: DiTShape, tokens: int, setup: Setup, frozen_bytes: float = 0.0) -> MemoryPlan:
+    """The memory of one training step per rank; `frozen_bytes`: weights of the frozen parts."""
     params, grads, optim, step_tmp, cpu = model_state_bytes(dit.num_params, setup)
     notes = []
     buffers = 0.0
@@ -200,10 +202,10 @@ def plan_memory(dit: DiTShape, tokens: int, setup: Setup) -> MemoryPlan:
     if setup.sequence_parallel_size > 1:
         notes.append("sequence parallel: activations hold tokens / sp per rank; all-to-all buffers not counted")
     act = activation_bytes(dit, tokens, setup)
-    return MemoryPlan(params, grads, optim, buffers, act, step_tmp, cpu, tokens, notes)
+    return MemoryPlan(params, grads, optim, buffers, act, step_tmp, cpu, tokens, notes, float(frozen_bytes))
 
 
-def longest_clip(dit: DiTShape, geometry: LatentGeometry, height: int, width: int, setup: Setup, gpu_bytes: float, max_frames: int = 1 + 4 * 2**14) -> int:
+def longest_clip(dit: DiTShape, geometry: LatentGeometry, height: int, width: int, setup: Setup, gpu_bytes: float, max_frames: int = 1 + 4 * 2**14, frozen_bytes: float = 0.0) -> int:
     """The most frames (1 + k * temporal_factor) at height x width whose step fits in gpu_bytes; 0 if none.
 
     Latent frames j * p_t (j >= 1) are the valid lengths; memory grows with j, so an
@@ -215,7 +217,7 @@ def longest_clip(dit: DiTShape, geometry: LatentGeometry, height: int, width: in
         return 1 + (j * pt - 1) * tf
 
     def fits(j: int) -> bool:
-        return plan_memory(dit, geometry.tokens(frames(j), height, width, dit.patch_size), setup).fits(gpu_bytes)
+        return plan_memory(dit, geometry.tokens(frames(j), height, width, dit.patch_size), setup, frozen_bytes).fits(gpu_bytes)
 
     j_max = max(1, ((max_frames - 1) // tf + 1) // pt)
     if not fits(1):

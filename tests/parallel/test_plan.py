@@ -137,3 +137,19 @@ def test_sora_plan_reads_the_architecture_of_init_from(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["experiment=wan_lora"])  # pretrained: ??? (or a Wan folder): one line, not a traceback
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_sora_plan_counts_the_frozen_text_encoder_on_every_rank(tmp_path, capsys):
+    """A frozen T5 is outside the strategy: its bf16 weights sit on every GPU (T5-XXL: 9.5 GB)."""
+    from sora_train.cli.plan import main
+
+    t5_xxl = {"model_type": "t5", "d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240, "num_layers": 24,
+              "vocab_size": 32128, "feed_forward_proj": "gated-gelu", "is_gated_act": True}
+    (tmp_path / "config.json").write_text(json.dumps(t5_xxl))
+    main(["experiment=pretrain_1B", f"text.path={tmp_path}", "--json"])
+    p = json.loads(capsys.readouterr().out)
+    vae_bytes = 59_339_107 * 4  # standard_4x8x8_16c in fp32 (task.vae_dtype)
+    t5_params = 32128 * 4096 + 24 * (4 * 4096 * 64 * 64 + 3 * 4096 * 10240)
+    assert p["bytes"]["frozen"] == pytest.approx(vae_bytes + 2 * t5_params)
+    assert 9.5e9 < 2 * t5_params < 9.6e9
+    assert not any("T5-XXL-sized" in n for n in p["notes"])
