@@ -6,6 +6,8 @@
   extend:          sora-sample --ckpt EXPORT --prompt "..." --extend clip.mp4 [--backward]
   interpolate:     sora-sample --ckpt EXPORT --prompt "..." --interpolate a.png b.png
   edit:            sora-sample --ckpt EXPORT --prompt "..." --edit clip.mp4 --strength 0.6
+  long clip, 8 GPUs: torchrun --nproc-per-node 8 $(which sora-sample) --ckpt EXPORT --prompt "..." --frames 241
+                   (the DiT's tokens split over the ranks, as parallel.sequence_parallel_size does in training)
   a long clip:     sora-sample --ckpt EXPORT --prompt "..." --frames 481 --height 720 --width 1280
                    (the VAE decodes in chunks of 4 latent frames and 256 px tiles by default;
                    --chunk-frames N / --tile PX set them, 0 turns either off)
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SoraError(f"--lora {args.lora}: a diffusers-format LoRA applies to a Wan2.1 base or export; {args.ckpt} holds a {type(pipe.dit).__name__}")
         load_wan_lora(pipe.dit, args.lora)
     pipe.set_decoding("auto" if args.chunk_frames is None else args.chunk_frames, "auto" if args.tile is None else args.tile)
+    writer = sequence_parallel_ranks(pipe)
     shape = pipe.meta.get("train_shape") or {}
     frames = args.frames or shape.get("num_frames") or 1 + 4 * pipe.vae.temporal_factor
     height = args.height or shape.get("height") or 32
@@ -159,18 +162,47 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     out = Path(args.out)
     written = []
-    with Progress(transient=False) as bar:
+    with Progress(transient=False, disable=not writer) as bar:
         task = bar.add_task(f"sampling ({mode})", total=len(prompts))
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start : start + args.batch_size]
             gen = pipe.generate(chunk, frames, height, width, mode=mode, steps=args.steps, method=args.method,
                                 guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
                                 seed=args.seed + start, shift=args.shift, **kwargs)
-            written += pipe.save(gen, out, fps=args.fps, stem=f"{mode}_{start:04d}")
+            if writer:  # every rank generated the same videos (same seed); rank 0 writes them
+                written += pipe.save(gen, out, fps=args.fps, stem=f"{mode}_{start:04d}")
             bar.advance(task, len(chunk))
+    if not writer:
+        return
     index = [{"video": str(p), "prompt": prompts[i]} for i, p in enumerate(written)]
     (out / "samples.json").write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {len(written)} videos to {out}/")
+
+
+def sequence_parallel_ranks(pipe) -> bool:
+    """Launched on several ranks (torchrun or srun set WORLD_SIZE): the DiT's tokens are split
+    over all of them (Ulysses, as in training), so a clip too long for one GPU's attention
+    samples on several. Returns whether this rank writes the outputs (rank 0)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return True
+    import torch
+    import torch.distributed as dist
+
+    from sora_train.parallel.sequence import apply_sequence_parallel, init_sequence_parallel
+    from sora_train.utils.dist_groups import sequence_parallel
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        for model in (pipe.dit, pipe.vae, pipe.text_encoder):
+            model.to(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    apply_sequence_parallel(pipe.dit, init_sequence_parallel(world), *sequence_parallel()[1:])
+    return dist.get_rank() == 0
 
 
 if __name__ == "__main__":

@@ -127,3 +127,38 @@ def test_bad_sequence_parallel_sizes_are_one_line(data, tmp_path, overrides, mes
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert errors and message in errors[0], r.stderr[-3000:]
+
+
+def test_sora_sample_on_two_ranks_draws_what_one_does(tmp_path):
+    """sora-sample launched on 2 ranks (torchrun's environment) splits the DiT's tokens over
+    them; rank 0 writes the same video one process writes."""
+    import torch
+
+    from sora_train.data.video_io import decode_video
+    from sora_train.diffusion import FlowMatching
+    from sora_train.models.dit import build_dit
+    from sora_train.models.export import export_parts
+    from sora_train.models.text import TinyTextEncoder
+    from sora_train.models.vae import build_vae
+
+    torch.manual_seed(0)
+    vae, text = build_vae("debug"), TinyTextEncoder(dim=32, depth=1, num_heads=2, trainable=False)
+    dit = build_dit("debug", in_channels=vae.latent_channels, text_dim=text.dim)
+    with torch.no_grad():  # a non-zero output, so the comparison means something
+        for p in dit.parameters():
+            if not p.abs().max() > 0:
+                p.normal_(0, 0.05)
+    export = export_parts(tmp_path / "export", {"vae": vae, "text": text, "dit": dit}, {"task": "dit", "diffusion": FlowMatching().config()})
+    cmd = [str(BIN / "sora-sample"), "--ckpt", str(export), "--prompt", "a red circle moving left", "--frames", "9", "--height", "32",
+           "--width", "32", "--steps", "3"]
+    one = subprocess.run([*cmd, "--out", str(tmp_path / "one")], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = base_env(WORLD_SIZE="2")
+    procs = [subprocess.Popen([*cmd, "--out", str(tmp_path / "two")], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    a = decode_video((tmp_path / "one" / "t2v_0000_000.mp4").read_bytes()).astype(int)
+    b = decode_video((tmp_path / "two" / "t2v_0000_000.mp4").read_bytes()).astype(int)
+    assert a.shape == b.shape and abs(a - b).max() <= 1
+    assert a.std() > 1  # not a blank video
