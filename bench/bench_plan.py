@@ -5,7 +5,8 @@
 
 Each configuration runs in a fresh process: a small DiT, fp32, batch 1, a few training steps
 (forward, MSE against a target, backward, AdamW), and the process's peak resident memory
-(`ru_maxrss`) minus its RSS just before the model is built. glibc would keep freed blocks
+since just before the model is built (VmHWM, reset there through /proc/self/clear_refs; else
+`ru_maxrss`) minus its RSS at that point. glibc would keep freed blocks
 in its heap and blur the peak, so the child runs with MALLOC_MMAP_THRESHOLD_=65536: every
 tensor above 64 KiB is its own mapping, returned on free. The same configuration goes
 through `plan_memory` (strategy auto, 32-true) and the ratio predicted / measured is printed.
@@ -43,6 +44,7 @@ def child(cfg: dict) -> dict:
     warm(x[:, :, :1, :4, :4].contiguous(), t, text, mask).sum().backward()
     del warm
     base = psutil.Process().memory_info().rss
+    _reset_peak_rss()  # the peak of importing (e.g. DeepSpeed's accelerator probe) is not the step's
     dit = build_dit("debug", in_channels=C, text_dim=T, hidden_size=cfg["hidden"], depth=cfg["depth"], num_heads=cfg["heads"], modulation=cfg.get("modulation", "shared"))
     apply_parallelism(dit, activation_checkpointing=cfg["checkpointing"])
     opt = torch.optim.AdamW(dit.parameters(), lr=1e-4)
@@ -51,8 +53,28 @@ def child(cfg: dict) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"measured": peak - base, "num_params": sum(p.numel() for p in dit.parameters())}
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def measure(cfg: dict) -> dict:

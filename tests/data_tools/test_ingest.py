@@ -313,6 +313,20 @@ def test_isolated_pool_survives_crashes_and_hangs():
 
 
 # ----------------------------------------------------------------------------- privacy
+def moving_frames(*args, **kwargs):
+    """conftest.moving_frames of this folder, by path: in a whole-suite run ``conftest`` names
+    whichever folder's conftest was imported first."""
+    import importlib.util
+
+    mod = sys.modules.get("data_tools_conftest")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("data_tools_conftest", Path(__file__).with_name("conftest.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["data_tools_conftest"] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    return mod.moving_frames(*args, **kwargs)
+
+
 def _captioned(folder: Path, name: str, frames, caption: str, extra: dict | None = None) -> Path:
     from sora_train.data.video_io import encode_video
 
@@ -323,7 +337,6 @@ def _captioned(folder: Path, name: str, frames, caption: str, extra: dict | None
 
 
 def test_personal_data_is_scrubbed_from_captions_unless_kept(corpus, tmp_path):
-    from conftest import moving_frames
 
     src = _captioned(tmp_path / "src", "call", moving_frames(12), "a square, call +1 415 555 0132 or jane@example.com",
                      {"author": "jane@example.com", "takes": 3})
@@ -346,7 +359,6 @@ def test_blur_faces_blurs_and_counts(corpus, tmp_path):
     import numpy as np
     from skimage import data
 
-    from conftest import moving_frames
     from sora_train.data.video_io import decode_video
 
     face = np.ascontiguousarray(data.astronaut()[::2, ::2])  # a real photo with one frontal face

@@ -130,6 +130,9 @@ def _experiment_overrides(name: str, data: Path, latents: Path, vae: Path, expor
         # init_from gives the architecture: no size is named (finetune_lora starts from a 100M-size export)
         "finetune_full": ("auto", f"init_from={exports}/demo/export {video}"),
         "finetune_lora": ("auto", f"init_from={exports}/../export_100M {video}"),
+        # a public base (a tiny random Wan2.1 folder written by diffusers): no size, as for init_from
+        "wan_lora": ("auto", f"pretrained={exports}/../tiny_wan data.train_shards={smoke}/train data.val_shards={smoke}/val "
+                             "data.buckets=[{num_frames:9,height:32,width:32,batch_size:2}] data.tokens_per_batch=null callbacks.samples.steps=2"),
         # trainer=gpu experiments: their own strategy and bf16-mixed, on 2 CPU ranks
         "pretrain_100M": ("ranks2", f"{small} trainer.accelerator=cpu trainer.devices=2 {video} {samples}"),
         "pretrain_1B": ("ranks2", f"{small} trainer.accelerator=cpu trainer.devices=2 {video} {samples}"),
@@ -170,6 +173,9 @@ def runs(tmp_path_factory):
     latents = root / "latents"
     _cache_latents(data, vae, latents)
     _export_100m(root)
+    from sora_train.models.dit.wan_debug import write_tiny_wan
+
+    write_tiny_wan(root / "tiny_wan")
     out = root / "runs"
     exps = root / "experiments"
     groups: dict[str, list[tuple[str, str]]] = {"auto": [], "ranks2": [], "missing": []}
