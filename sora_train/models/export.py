@@ -44,6 +44,14 @@ def import_class(path: str) -> type:
     return obj
 
 
+def part_names(export_dir: str | Path) -> list[str]:
+    """The parts an export (or a public base folder) holds, read from its model.json alone."""
+    from sora_train.models.bases import is_base_folder
+
+    d = Path(export_dir)
+    return ["dit", "text", "vae"] if is_base_folder(d) else list(read_export_spec(d)["parts"])
+
+
 def _check_config(cls: type, config: Any, where: str) -> dict[str, Any]:
     """A part's constructor arguments: a mapping of names the constructor takes (no catch-all)."""
     if not isinstance(config, dict):
@@ -95,7 +103,7 @@ def load_parts(export_dir: str | Path, names: list[str] | None = None, map_locat
 
     A public base model's diffusers pipeline folder (Wan2.1) is read as an export too
     (`sora_train.models.bases`): its parts are our adapters, built from that folder only."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from sora_train.models.bases import is_base_folder, load_base_parts
 
@@ -103,8 +111,10 @@ def load_parts(export_dir: str | Path, names: list[str] | None = None, map_locat
     if is_base_folder(d):
         return load_base_parts(d, names)
     spec = read_export_spec(d)
-    try:
-        state = load_file(str(d / WEIGHTS_NAME), device=map_location)
+    wanted = tuple(f"{n}." for n in spec["parts"] if names is None or n in names)
+    try:  # only the tensors of the parts asked for: an EMA beside the DiT doubles what a full read costs
+        with safe_open(str(d / WEIGHTS_NAME), framework="pt", device=map_location) as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)}
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise SoraError(f"{d / WEIGHTS_NAME}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                         "re-export or re-copy it") from None

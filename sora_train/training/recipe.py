@@ -94,11 +94,12 @@ def build_dit_task(task: Callable[..., Any], *, dit: Callable[..., nn.Module] | 
         vae: the VAE to use when ``vae_ckpt`` is not set (smoke runs: an untrained VAE).
         lora: ``{rank, alpha, dropout, target_modules}`` or None.
     """
-    from sora_train.models.export import load_parts
+    from sora_train.models.export import load_parts, part_names
 
     parts: dict[str, nn.Module] = {}
-    if init_from:
-        parts, _ = load_parts(init_from, ["dit", "ema", "text", "vae"])
+    if init_from:  # the EMA when the export has one, else the DiT: never both
+        trained = "ema" if "ema" in part_names(init_from) else "dit"
+        parts, _ = load_parts(init_from, [trained, "text", "vae"])
     if vae_ckpt:
         vae = load_part(vae_ckpt, "vae", "vae_ckpt")
     elif "vae" in parts:  # the VAE the export's DiT was trained with
