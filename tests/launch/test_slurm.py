@@ -28,137 +28,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from slurm_cluster import REPO, _free_port
 
 pytestmark = pytest.mark.slurm
-
-REPO = Path(__file__).resolve().parents[2]
-LOCAL_CLUSTER = REPO / "launch" / "local_cluster.sh"
-SBIN = "/usr/sbin:/sbin"
-NEEDED = ("sbatch", "srun", "squeue", "scontrol", "slurmctld", "slurmd", "munged")
-DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-
-
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Cluster:
-    dir: Path
-    env: dict[str, str]
-
-    def run(self, *cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
-        return r
-
-    def sbatch(self, *args: str, env: dict[str, str] | None = None) -> str:
-        r = subprocess.run(["sbatch", "--parsable", *args], env=env or self.env, capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, f"sbatch failed: {r.stderr}"
-        return r.stdout.strip().split(";")[0]
-
-    def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job` as a dict (finished jobs stay visible for MinJobAge=600 s)."""
-        out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", out))
-
-    def wait(self, job_id: str, timeout: float, until=lambda info: info.get("JobState") in DONE_STATES) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.job(job_id)
-            if until(info):
-                return info
-            time.sleep(0.5)
-        info = self.job(job_id)
-        self.run("scancel", job_id, check=False)
-        raise AssertionError(f"job {job_id} not done after {timeout:.0f}s: {info}\n{self.logs()}")
-
-    def release_requeued(self, job_id: str, timeout: float = 150) -> None:
-        """Wait until the job has been requeued and let it start now rather than after Slurm's
-        2 minute hold, with a 10 minute limit so that the run after the requeue is not sent the
-        time-limit signal again (Slurm re-arms it for every run)."""
-
-        def requeued(info: dict[str, str]) -> bool:
-            return (info.get("JobState") == "PENDING" and int(info.get("Restarts") or 0) >= 1) or info.get("JobState") in DONE_STATES
-
-        info = self.wait(job_id, timeout, until=requeued)
-        assert info["JobState"] == "PENDING", f"job {job_id} was not requeued: {info}"
-        # slurmd refuses a launch credential issued in the same second as the requeue revoked
-        # the job's old one ("Job credential revoked"); part of what the hold is for.
-        time.sleep(2.5)
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10")
-
-    def logs(self, lines: int = 30) -> str:
-        parts = []
-        for f in sorted((self.dir / "log").glob("*.log")):
-            tail = f.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"----- {f.name}\n" + "\n".join(tail))
-        return "\n".join(parts)
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory) -> Iterator[Cluster]:
-    path = f"{os.environ.get('PATH', '')}:{SBIN}"
-    missing = [b for b in NEEDED if shutil.which(b, path=path) is None]
-    if missing:
-        msg = f"Slurm/MUNGE not installed (missing {', '.join(missing)}): run launch/install_system_deps.sh"
-        if _under_ci():
-            pytest.fail(f"CI={os.environ['CI']}: {msg}")
-        pytest.skip(msg)
-
-    d = tmp_path_factory.mktemp("slurm")
-    env = {
-        **os.environ,
-        # The job environment: this venv's python and sora-train first, and the daemons' dir.
-        "PATH": f"{Path(sys.executable).parent}:{path}",
-        "SLURM_CONF": str(d / "slurm.conf"),
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",  # each node has one CPU
-    }
-    start_env = {**env, "SORA_SLURM_OWNER_PID": str(os.getpid()), "SORA_SLURM_LIFETIME_S": "1800", "SORA_SLURM_WAIT_S": "60"}
-    r = subprocess.run(["bash", str(LOCAL_CLUSTER), "start", str(d)], env=start_env, capture_output=True, text=True, timeout=150)
-    if r.returncode != 0:
-        pytest.fail(f"local cluster did not start:\n{r.stdout}\n{r.stderr}")
-    try:
-        yield Cluster(dir=d, env=env)
-    finally:
-        subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", str(d)], env=env, capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture(scope="session")
-def smoke_data(tmp_path_factory) -> Path:
-    """The data of experiment=smoke, generated once from the real config. Shared by the
-    Slurm runs so that a two-node run does not generate it on both nodes at once: the
-    datamodule prepares data once per node, and the two local nodes share one filesystem."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
-
-    root = tmp_path_factory.mktemp("data")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="sora_train.conf", version_base="1.3"):
-            cfg = compose(config_name="train", overrides=["experiment=smoke", f"paths.data_dir={root}"])
-        instantiate(cfg.data.prepare)()
-    finally:
-        GlobalHydra.instance().clear()
-    return root
 
 
 # --------------------------------------------------------------------------- plain sbatch

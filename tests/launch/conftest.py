@@ -1,0 +1,64 @@
+"""The local two-node Slurm cluster every test under tests/launch/ runs on: one per pytest
+session, started by launch/local_cluster.sh in a temporary folder and stopped at the end (a
+watchdog also stops it if pytest dies), and the smoke data set the Slurm runs share."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from slurm_cluster import LOCAL_CLUSTER, NEEDED, SBIN, Cluster, _under_ci
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Iterator[Cluster]:
+    path = f"{os.environ.get('PATH', '')}:{SBIN}"
+    missing = [b for b in NEEDED if shutil.which(b, path=path) is None]
+    if missing:
+        msg = f"Slurm/MUNGE not installed (missing {', '.join(missing)}): run launch/install_system_deps.sh"
+        if _under_ci():
+            pytest.fail(f"CI={os.environ['CI']}: {msg}")
+        pytest.skip(msg)
+
+    d = tmp_path_factory.mktemp("slurm")
+    env = {
+        **os.environ,
+        # The job environment: this venv's python and sora-train first, and the daemons' dir.
+        "PATH": f"{Path(sys.executable).parent}:{path}",
+        "SLURM_CONF": str(d / "slurm.conf"),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",  # each node has one CPU
+    }
+    start_env = {**env, "SORA_SLURM_OWNER_PID": str(os.getpid()), "SORA_SLURM_LIFETIME_S": "1800", "SORA_SLURM_WAIT_S": "60"}
+    r = subprocess.run(["bash", str(LOCAL_CLUSTER), "start", str(d)], env=start_env, capture_output=True, text=True, timeout=150)
+    if r.returncode != 0:
+        pytest.fail(f"local cluster did not start:\n{r.stdout}\n{r.stderr}")
+    try:
+        yield Cluster(dir=d, env=env)
+    finally:
+        subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", str(d)], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    """The data of experiment=smoke, generated once from the real config. Shared by the
+    Slurm runs so that a two-node run does not generate it on both nodes at once: the
+    datamodule prepares data once per node, and the two local nodes share one filesystem."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    root = tmp_path_factory.mktemp("data")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="sora_train.conf", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["experiment=smoke", f"paths.data_dir={root}"])
+        instantiate(cfg.data.prepare)()
+    finally:
+        GlobalHydra.instance().clear()
+    return root
