@@ -1,6 +1,7 @@
-"""Loader throughput vs raw decord: how much of the decoder's speed reaches training.
+"""Loader throughput vs raw decord, per decoder: how much of the decoder's speed reaches training.
 
     python bench/bench_loader.py                              # 48 clips, 33 frames 320x180 -> 33x144x256
+    python bench/bench_loader.py --decoders decord            # only the default decoder
     python bench/bench_loader.py --size 256x256 --bucket 33x256x256 --rounds 7
     python bench/bench_loader.py --frames 49                  # longer clips: random temporal crops
 
@@ -8,7 +9,9 @@ Writes a shard set of H.264 clips (``synthetic_clip``: panning texture + noise, 
 bitrate of ordinary 320x180 footage, so decoding costs what it does on real data) through
 ``ShardWriter`` and reads it two ways, both with 2 processes:
 
-- **loader**: ``VideoDataModule`` with ``--workers`` DataLoader workers and one bucket; the
+- **loader[D]**: for each decoder D of ``--decoders`` (``data.decoder``: decord, pyav,
+  torchcodec; one that does not load here is reported and left out),
+  ``VideoDataModule`` with ``--workers`` DataLoader workers and one bucket; the
   main process only takes batches. Everything the loader does counts: tar streaming, json,
   shuffling, bucketing, decoding, cropping, stacking the uint8 batch, and handing it to the
   main process through shared memory (the float conversion happens on the training device,
@@ -19,7 +22,8 @@ bitrate of ordinary 320x180 footage, so decoding costs what it does on real data
 
 Frames per second of each are timed side by side in alternating rounds (steady state: the
 loader's first batches, which include worker start-up, are not timed), and the ratio
-loader/raw is the median over rounds (target >= 0.85). Prints; asserts nothing.
+loader[D]/raw decord is the median over rounds (target >= 0.85 for the default decoder; the
+others' ratios say what choosing them costs or gains). Prints; asserts nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 
 from sora_train.data.shards import ShardWriter, read_index, iter_samples, shard_paths
 from sora_train.data.transforms import frame_indices, resize_for_crop
-from sora_train.data.video_io import encode_video
+from sora_train.data.video_io import DECODERS, encode_video, torchcodec_problem
 from sora_train.utils import sha256_bytes
 
 FPS = 24
@@ -175,7 +179,17 @@ def main() -> None:
     p.add_argument("--warmup-batches", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--keep", type=Path, default=None, help="write the shard set here and keep it")
+    p.add_argument("--decoders", default=",".join(DECODERS), help=f"comma-separated, of {','.join(DECODERS)}")
     args = p.parse_args()
+    decoders = []
+    for d in args.decoders.split(","):
+        if d not in DECODERS:
+            p.error(f"--decoders: {d!r} is not one of {','.join(DECODERS)}")
+        problem = torchcodec_problem() if d == "torchcodec" else None
+        if problem:
+            print(f"{d}: left out, {problem}")
+        else:
+            decoders.append(d)
     torch.set_num_threads(1)
     width, height = map(int, args.size.split("x"))
     bf, bh, bw = map(int, args.bucket.split("x"))
@@ -193,34 +207,43 @@ def main() -> None:
             f"({time.perf_counter() - t0:.1f} s to write); bucket {args.bucket} x{args.batch_size}, "
             f"{args.workers} workers / processes"
         )
-        dm = VideoDataModule(
-            train_shards=str(shard_dir),
-            buckets=[{"num_frames": bf, "height": bh, "width": bw, "batch_size": args.batch_size}],
-            num_workers=args.workers,
-            shuffle_buffer=16,
-        )
-        dm.setup("fit")
+        dms = {}
+        for d in decoders:
+            dms[d] = VideoDataModule(
+                train_shards=str(shard_dir),
+                buckets=[{"num_frames": bf, "height": bh, "width": bw, "batch_size": args.batch_size}],
+                num_workers=args.workers,
+                shuffle_buffer=16,
+                decoder=d,
+            )
+            dms[d].setup("fit")
         raw = RawDecord(shard_dir, args.workers, (bf, bh, bw))
         samples = args.batches * args.batch_size
         raw.run(args.workers * 2)  # warm-up: first decodes
-        ratios, rates = [], {"loader": [], "raw": []}
+        names = ["raw", *decoders]
+        ratios: dict[str, list[float]] = {d: [] for d in decoders}
+        rates: dict[str, list[float]] = {n: [] for n in names}
         try:
             for r in range(args.rounds):
-                order = ("loader", "raw") if r % 2 == 0 else ("raw", "loader")
+                order = names if r % 2 == 0 else names[::-1]  # alternate, so drift hits all alike
                 got = {}
                 for name in order:
-                    frames, secs = loader_run(dm, args.warmup_batches, args.batches) if name == "loader" else raw.run(samples)
+                    frames, secs = raw.run(samples) if name == "raw" else loader_run(dms[name], args.warmup_batches, args.batches)
                     got[name] = frames / secs
                     rates[name].append(got[name])
-                ratios.append(got["loader"] / got["raw"])
-                print(f"round {r}: loader {got['loader']:7.1f} frames/s  raw decord {got['raw']:7.1f} frames/s  ratio {ratios[-1]:.3f}")
+                for d in decoders:
+                    ratios[d].append(got[d] / got["raw"])
+                print(f"round {r}: raw decord {got['raw']:7.1f} frames/s  " + "  ".join(f"loader[{d}] {got[d]:7.1f} ({ratios[d][-1]:.3f})" for d in decoders))
         finally:
             raw.close()
         med = statistics.median
-        print(
-            f"median: loader {med(rates['loader']):.1f} frames/s, raw decord {med(rates['raw']):.1f} frames/s "
-            f"({bh}x{bw}); ratio loader/raw = {med(ratios):.3f} [{min(ratios):.3f}..{max(ratios):.3f}] (target >= 0.85)"
-        )
+        print(f"median raw decord: {med(rates['raw']):.1f} frames/s ({bh}x{bw})")
+        for d in decoders:
+            target = " (target >= 0.85)" if d == "decord" else ""
+            print(
+                f"  loader[{d}]: {med(rates[d]):.1f} frames/s; ratio loader[{d}]/raw decord = "
+                f"{med(ratios[d]):.3f} [{min(ratios[d]):.3f}..{max(ratios[d]):.3f}]{target}"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -45,7 +45,7 @@ class VideoDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes per rank.
         shuffle_buffer: samples per worker held for shuffling.
         caption_probs: caption source -> probability (e.g. rewritten 0.8, original 0.2).
-        decoder: "decord" or "pyav".
+        decoder: "decord", "pyav" or "torchcodec" (data.decoder; see video_io.check_decoder).
         max_skip_rate: corrupt-sample fraction that stops the run.
         seed: data order seed (the same on every rank).
         prepare: optional callable run before loading (e.g. generate the shapes world if it

@@ -38,7 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from sora_train.data.buckets import Bucket, BucketTable
 from sora_train.data.shards import ALLOWED_EXTS, INDEX_NAME, UnreadableShard, iter_tar_samples, shard_paths
 from sora_train.data.transforms import crop_offsets, frame_indices, resize_for_crop, resize_frames
-from sora_train.data.video_io import DECODERS, IMAGE_EXTS, VIDEO_EXTS, decode_image, decode_video
+from sora_train.data.video_io import IMAGE_EXTS, VIDEO_EXTS, check_decoder, decode_image, decode_video
 from sora_train.utils.dist_groups import ENV as SP_ENV
 from sora_train.utils.errors import SoraError
 from sora_train.utils.logging import get_logger
@@ -159,7 +159,7 @@ class ShardVideoDataset(IterableDataset):
         shuffle_buffer: samples held for shuffling (per worker).
         caption_probs: source -> probability of training on that caption (e.g.
             {"rewritten": 0.8, "original": 0.2}); sources a sample lacks are renormalised away.
-        decoder: "decord" (default) or "pyav".
+        decoder: "decord" (default), "pyav" or "torchcodec" (must load: see video_io.check_decoder).
         max_skip_rate: stop with an error when more than this fraction of samples is corrupt
             (after ``min_samples_for_skip_check`` samples), rather than train on nothing.
     """
@@ -181,8 +181,7 @@ class ShardVideoDataset(IterableDataset):
         max_pool: int = 4096,
     ) -> None:
         super().__init__()
-        if decoder not in DECODERS:
-            raise SoraError(f"data.decoder={decoder!r} is unknown; choose one of {list(DECODERS)}")
+        check_decoder(decoder)
         self.urls = expand_shards(shards)
         self.buckets = buckets
         self.target_fps = target_fps
@@ -311,8 +310,8 @@ class ShardVideoDataset(IterableDataset):
                 out_fps = float(self.target_fps or fps)
             if idx is None:
                 raise ValueError("clip shorter than its bucket")
-            if self.decoder == "decord":
-                frames = decode_video(item.media, idx, backend="decord", width=rw, height=rh)
+            if self.decoder in ("decord", "torchcodec"):  # these resize inside the decoder
+                frames = decode_video(item.media, idx, backend=self.decoder, width=rw, height=rh)
             else:
                 frames = decode_video(item.media, idx, backend=self.decoder)
         frames = resize_frames(frames, rh, rw)  # no-op when the decoder already resized

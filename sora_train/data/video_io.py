@@ -1,4 +1,5 @@
-"""Encoding and decoding video bytes: PyAV writes, decord reads (PyAV as an alternative reader).
+"""Encoding and decoding video bytes: PyAV writes, decord reads (PyAV and torchcodec as
+alternative readers: ``data.decoder``).
 
 Everything works on in-memory bytes, because that is what a webdataset shard hands us: no
 temporary files, one short-lived reader per sample (decord leaks with long-lived readers).
@@ -20,7 +21,7 @@ from sora_train.utils.errors import SoraError
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MEDIA_EXTS = VIDEO_EXTS + IMAGE_EXTS
-DECODERS = ("decord", "pyav")
+DECODERS = ("decord", "pyav", "torchcodec")
 
 # container -> (codec, pixel format) used when we write video ourselves.
 _CONTAINER_CODECS = {
@@ -121,8 +122,50 @@ def _decord_reader(data: bytes, width: int = -1, height: int = -1):
     return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
 
 
+def torchcodec_problem() -> str | None:
+    """Why torchcodec cannot decode here (None when it can). Its wheels are built per torch
+    variant: PyPI's links the CUDA build of torch (libtorch_cuda.so, libnvrtc), so with the CPU
+    build of torch it installs but does not load; the CPU wheel is on PyTorch's own index."""
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except Exception as e:  # ImportError, or RuntimeError from loading its FFmpeg/torch libraries
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (
+            f"torchcodec does not load ({first[:160]}); install the build that matches your torch, e.g. "
+            "`pip install torchcodec --index-url https://download.pytorch.org/whl/cpu` for CPU torch, "
+            "and FFmpeg 4-8 shared libraries"
+        )
+    return None
+
+
+def check_decoder(decoder: str, option: str = "data.decoder") -> None:
+    """A one-line error before any sample is read: an unknown decoder, or one that cannot load."""
+    if decoder not in DECODERS:
+        raise SoraError(f"{option}={decoder!r} is unknown; choose one of {list(DECODERS)}")
+    if decoder == "torchcodec":
+        problem = torchcodec_problem()
+        if problem:
+            raise SoraError(f"{option}=torchcodec: {problem}")
+
+
+def _torchcodec_decoder(data: bytes, width: int = -1, height: int = -1):
+    from torchcodec.decoders import VideoDecoder
+
+    transforms = None
+    if width > 0 and height > 0:
+        from torchcodec.transforms import Resize
+
+        transforms = [Resize((height, width))]  # bilinear with antialias, inside the decoder
+    # exact seek mode scans the stream once: frame counts are true, as decord's are.
+    return VideoDecoder(data, dimension_order="NHWC", num_ffmpeg_threads=1, device="cpu", seek_mode="exact", transforms=transforms)
+
+
 def probe_video(data: bytes, backend: str = "decord") -> VideoInfo:
     """Frame count, fps and size from a video's bytes (decord opens the stream for real)."""
+    if backend == "torchcodec":
+        dec = _torchcodec_decoder(data)
+        md = dec.metadata
+        return VideoInfo(len(dec), float(md.average_fps or 0.0), int(md.width), int(md.height))
     if backend == "pyav":
 
         with av.open(io.BytesIO(data)) as c:
@@ -146,11 +189,15 @@ def decode_video(
 ) -> np.ndarray:
     """Decode the frames at ``indices`` (all frames when None) -> (F, H, W, 3) uint8.
 
-    With decord, ``width``/``height`` resize inside the decoder (cheaper than after). The
-    reader lives only for this call.
+    With decord and torchcodec, ``width``/``height`` resize inside the decoder (cheaper than
+    after). The reader lives only for this call.
     """
     if backend not in DECODERS:
         raise SoraError(f"unknown decoder {backend!r}; choose one of {list(DECODERS)}")
+    if backend == "torchcodec":
+        dec = _torchcodec_decoder(data, width, height)
+        idx = list(range(len(dec))) if indices is None else [int(i) for i in indices]
+        return dec.get_frames_at(idx).data.numpy()
     if backend == "decord":
         vr = _decord_reader(data, width, height)
         try:

@@ -1,4 +1,6 @@
-"""The loader: bucketed batches of one shape, image+video mix, exact resume, corrupt samples."""
+"""The loader: bucketed batches of one shape, image+video mix, exact resume, corrupt samples —
+with every decoder of ``data.decoder`` (a decoder that cannot load on this machine is skipped
+with its reason: torchcodec's PyPI wheel needs the CUDA build of torch)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from sora_train.data.datamodule import VideoDataModule
 from sora_train.data.dataset import ShardVideoDataset, expand_shards
 from sora_train.data.shards import ShardWriter
 from sora_train.data.transforms import frame_indices, resize_for_crop
-from sora_train.data.video_io import encode_image, encode_video
+from sora_train.data.video_io import DECODERS, decode_video, encode_image, encode_video, probe_video, torchcodec_problem
 from sora_train.utils.errors import SoraError
 
 BUCKETS = [
@@ -22,6 +24,15 @@ BUCKETS = [
     {"num_frames": 9, "height": 32, "width": 48, "batch_size": 4},
     {"num_frames": 1, "height": 32, "width": 32, "batch_size": 8},
 ]
+
+
+def _decoder_params():
+    for d in DECODERS:
+        problem = torchcodec_problem() if d == "torchcodec" else None
+        yield pytest.param(d, id=d, marks=pytest.mark.skipif(problem is not None, reason=problem or ""))
+
+
+ALL_DECODERS = list(_decoder_params())
 
 
 def _meta(i: int, F: int, H: int, W: int, fps: float = 8.0) -> dict:
@@ -83,8 +94,9 @@ def test_schedule_is_shared_by_ranks_and_mixes_images():
     assert 0.15 < frac < 0.35
 
 
-def test_batches_are_one_shape_and_mix_images_and_videos(shard_dir):
-    dm = VideoDataModule(str(shard_dir), BUCKETS, image_ratio=0.3, num_workers=2, shuffle_buffer=8, caption_probs={"rewritten": 1.0})
+@pytest.mark.parametrize("decoder", ALL_DECODERS)
+def test_batches_are_one_shape_and_mix_images_and_videos(shard_dir, decoder):
+    dm = VideoDataModule(str(shard_dir), BUCKETS, image_ratio=0.3, num_workers=2, shuffle_buffer=8, caption_probs={"rewritten": 1.0}, decoder=decoder)
     dm.setup()
     batches = _batches(dm, 16)
     kinds = set()
@@ -102,8 +114,9 @@ def test_batches_are_one_shape_and_mix_images_and_videos(shard_dir):
     assert kinds == {"image", "video"}
 
 
-def test_temporal_sampling_reads_consecutive_frames(shard_dir):
-    dm = VideoDataModule(str(shard_dir), BUCKETS[:2], num_workers=0, shuffle_buffer=4)
+@pytest.mark.parametrize("decoder", ALL_DECODERS)
+def test_temporal_sampling_reads_consecutive_frames(shard_dir, decoder):
+    dm = VideoDataModule(str(shard_dir), BUCKETS[:2], num_workers=0, shuffle_buffer=4, decoder=decoder)
     dm.setup()
     b = _batches(dm, 1)[0]
     red = (b["video"][..., 4, 4, 0].float() / 10).round()  # (B, F) frame index written in red
@@ -135,19 +148,56 @@ def test_exact_resume(shard_dir, workers, consumed):
         assert torch.equal(a["video"], b["video"])
 
 
-def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("decoder", ALL_DECODERS)
+def test_decoders_agree_on_frames_size_and_count(decoder):
+    """Every decoder reads the same stream: frame count, fps, size, and the frames at given
+    indices (H.264 is lossy and decoders may convert YUV->RGB slightly differently: a few levels)."""
+    F, H, W = 12, 32, 48
+    frames = np.zeros((F, H, W, 3), np.uint8)
+    frames[..., 0] = (np.arange(F, dtype=np.uint8) * 20)[:, None, None]
+    frames[:, :, W // 2 :, 1] = 200  # a vertical edge, so that resizing shows
+    data = encode_video(frames, 8)
+    info = probe_video(data, backend=decoder)
+    assert (info.num_frames, info.width, info.height) == (F, W, H) and info.fps == pytest.approx(8.0)
+    idx = [0, 5, 11, 5]
+    got = decode_video(data, idx, backend=decoder)
+    assert got.shape == (4, H, W, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - frames[idx].astype(int)).mean() < 4
+    small = decode_video(data, [1, 2], backend=decoder, width=24, height=16)
+    ref = decode_video(data, [1, 2], backend="decord", width=24, height=16)
+    if decoder != "pyav":  # pyav reads at full size; the loader resizes after it
+        assert small.shape == (2, 16, 24, 3)
+        assert np.abs(small.astype(int) - ref.astype(int)).mean() < 6
+
+
+def test_a_decoder_that_cannot_load_is_a_one_line_error(tmp_path):
+    """data.decoder=torchcodec where torchcodec does not load (this machine: PyPI's wheel needs
+    CUDA torch) stops before any sample is read, with one line saying what to install —
+    instead of every sample failing and the skip-rate guard firing with a misleading error."""
+    table = BucketTable([BUCKETS[0]])
+    if torchcodec_problem() is None:
+        ShardVideoDataset(str(tmp_path), table, decoder="torchcodec")  # loads: nothing to report
+        return
+    with pytest.raises(SoraError) as e:
+        ShardVideoDataset(str(tmp_path), table, decoder="torchcodec")
+    msg = str(e.value)
+    assert msg.startswith("data.decoder=torchcodec: torchcodec does not load") and "\n" not in msg and "download.pytorch.org" in msg
+
+
+@pytest.mark.parametrize("decoder", ALL_DECODERS)
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, decoder):
     good = encode_video(np.zeros((9, 32, 32, 3), np.uint8), 8)
     with ShardWriter(tmp_path, max_count=100) as w:
         for i in range(20):
             data = good if i % 5 else b"\x00not a video at all" * 10
             w.write(f"s{i:03d}", {"mp4": data}, _meta(i, 9, 32, 32))
-    ds = ShardVideoDataset(str(tmp_path), BucketTable([BUCKETS[0]]), max_skip_rate=0.5, shuffle_buffer=1)
+    ds = ShardVideoDataset(str(tmp_path), BucketTable([BUCKETS[0]]), max_skip_rate=0.5, shuffle_buffer=1, decoder=decoder)
     it = iter(ds)
     batches = [next(it) for _ in range(3)]
     assert all(b["video"].shape[0] <= 4 for b in batches)
     assert batches[-1]["skipped"] >= 1
     # past the allowed rate the run stops with a clear error instead of training on nothing
-    strict = ShardVideoDataset(str(tmp_path), BucketTable([BUCKETS[0]]), max_skip_rate=0.01, min_samples_for_skip_check=5, shuffle_buffer=1)
+    strict = ShardVideoDataset(str(tmp_path), BucketTable([BUCKETS[0]]), max_skip_rate=0.01, min_samples_for_skip_check=5, shuffle_buffer=1, decoder=decoder)
     with pytest.raises(SoraError, match="max_skip_rate"):
         for _ in zip(range(20), iter(strict)):
             pass
