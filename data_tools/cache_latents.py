@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sora_train.data.boxes import boxes_for_clip
 from sora_train.data.buckets import Bucket, BucketTable
 from sora_train.data.dataset import ShardVideoDataset, SkipSample, expand_shards
 from sora_train.data.latents import (
@@ -49,7 +50,8 @@ from sora_train.data.shards import REJECTS_NAME, iter_tar_samples, read_index, s
 from sora_train.data.shardset import ShardSetSpec, ShardSetWriter
 from sora_train.data.transforms import frame_indices
 from sora_train.data.video_io import DECODERS, IMAGE_EXTS
-from sora_train.data_tools.probe import console, progress, table
+from sora_train.data_tools.parts import Part, add_part_argument, finish_part, part_done, part_label, resolve_part, say_done
+from sora_train.data_tools.probe import console, display_path, progress, table
 from sora_train.utils import get_logger, stable_hash
 from sora_train.utils.errors import SoraError
 
@@ -233,8 +235,11 @@ def cache_latents(
     options: CacheOptions,
     text_dir: str | os.PathLike | None = None,
     quiet: bool = False,
+    part: Part | None = None,
 ) -> dict[str, Any]:
-    """Encode every clip of ``shards`` into a latent shard set at ``out``; returns its index.json."""
+    """Encode every clip of ``shards`` into a latent shard set at ``out``; returns its index.json.
+    With ``part``, only that part of the input shards, into ``out/parts/part-K-of-N``
+    (data_tools/parts.py; `sora-data merge` joins the parts)."""
     t0 = time.monotonic()
     out = Path(out)
     vae = load_part(vae_dir, "vae", "--vae")
@@ -257,16 +262,26 @@ def cache_latents(
         source_index = read_index(shards) if isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards) else {}
     except SoraError:
         source_index = {}
-    total = int(source_index.get("num_samples", 0))
+    counts = {str(s["name"]): int(s.get("count") or 0) for s in source_index.get("shards") or []}
     # The source set's own options (the shapes world: its held-out pairs and world), so a DiT
     # trained on these latents still records what sora-eval shapes needs.
     source_options = source_index.get("options")
     identity = {"vae_hash": vae_hash, "text_hash": text_hash, "options": options.written()}
     sources = [str(s) for s in ([shards] if isinstance(shards, (str, os.PathLike)) else shards)]
-    spec = ShardSetSpec(tool=TOOL, label=f"--out {out}", verb="cached", options=options.written(),
-                        options_hash=stable_hash({"format": LATENT_FORMAT, **identity}), identity=identity, record_name=RUN_FILE,
+    options_hash = stable_hash({"format": LATENT_FORMAT, **identity})
+    label, set_dir, mine = f"--out {out}", out, urls
+    if part is not None:  # the units are the input shards, in the order one run reads them
+        units = [display_path(u) for u in urls]
+        finished = part_done(part, out, TOOL, options_hash, units)
+        if finished is not None:
+            say_done(part, out, finished, quiet)
+            return finished
+        label, set_dir, mine = part_label(part, out), part.dir(out), part.select(urls)
+    total = sum(counts.get(Path(u).name, 0) for u in mine) if counts else 0
+    spec = ShardSetSpec(tool=TOOL, label=label, verb="cached", options=options.written(),
+                        options_hash=options_hash, identity=identity, record_name=RUN_FILE,
                         sources=tuple(Path(s) for s in sources if os.path.isdir(s)))
-    shard_set = ShardSetWriter(out, spec, max_count=options.shard_max_count)
+    shard_set = ShardSetWriter(set_dir, spec, max_count=options.shard_max_count)
 
     table = BucketTable([{"num_frames": F, "height": H, "width": W, "batch_size": 1} for F, H, W in options.shapes])
     # The loader's own decode path, in validation mode (centred, deterministic).
@@ -275,7 +290,7 @@ def cache_latents(
     looked_at: set[str] = set()  # keys not cached by an earlier run: their old reject rows are replaced
     enc = _Encoder(vae, text, options, shard_set, stats)
     with shard_set, progress("cache-latents", total or None) as advance:  # None: unknown (no index.json)
-        for url in urls:
+        for url in mine:
             for sample in iter_tar_samples(url):
                 if sample["__key__"] in shard_set.done:
                     stats["skipped"] += 1
@@ -301,7 +316,10 @@ def cache_latents(
     run.update(seconds=round(seconds, 3), encode_seconds=round(enc.encode_seconds, 3), latent_shapes=dict(enc.latent_shapes))
     index = shard_set.close(run, looked_at, **extra)
     if not quiet:
-        print_summary(index, run, out)
+        print_summary(index, run, set_dir)
+    if part is not None:  # a part may hold no sample; the merge judges the whole set
+        finish_part(part, out, TOOL, options_hash, units, "shards", index)
+        return index
     if index["num_samples"] == 0:
         raise CacheFailed(f"nothing was written to {out}: {sum(v for k, v in stats.items() if k.startswith('rejected:'))} clips rejected (see {REJECTS_NAME})")
     return index
@@ -321,7 +339,11 @@ def _one(sample: dict[str, Any], decoder: ShardVideoDataset, enc: _Encoder, out:
         return reject(e.reason, e.detail)
     meta, bucket = item.meta, item.bucket
     try:
-        frames, out_fps = decoder.decode_clip(item, bucket, np.random.default_rng(0))
+        geometry: dict[str, Any] = {}
+        frames, out_fps = decoder.decode_clip(item, bucket, np.random.default_rng(0), geometry)
+        if meta.get("boxes") is not None:  # boxes follow the frames and crop that were encoded
+            boxes = boxes_for_clip(meta, key, geometry, bucket.height, bucket.width)
+            meta = {**meta, "boxes": boxes.to_json() if boxes is not None and boxes.objects else None}
     except Exception as e:  # a corrupt clip costs that clip
         return reject("decode_error", str(e)[:200])
     f, fps = int(meta["num_frames"]), float(meta.get("fps") or 0.0)
@@ -367,6 +389,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     g.add_argument("--decoder", choices=DECODERS, default=d.decoder)
     g.add_argument("--shard-size", type=int, default=d.shard_max_count, help="samples per shard")
+    add_part_argument(g)
 
 
 def options_from_args(args: argparse.Namespace) -> CacheOptions:
@@ -390,5 +413,6 @@ def options_from_args(args: argparse.Namespace) -> CacheOptions:
 def run(args: argparse.Namespace) -> int:
     if not os.path.exists(args.shards) and not any(c in args.shards for c in "*?[{") and "://" not in args.shards:
         raise SoraError(f"SHARDS {args.shards} does not exist")
-    cache_latents(args.shards, args.out, args.vae, options_from_args(args), text_dir=args.text)
+    options, part = options_from_args(args), resolve_part(args.part)
+    cache_latents(args.shards, args.out, args.vae, options, text_dir=args.text, part=part)
     return 0

@@ -32,8 +32,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from sora_train.data.boxes import BOXES_SUFFIX, load_boxes, parse_boxes
 from sora_train.data.shards import REJECTS_NAME, sample_entry
 from sora_train.data.shardset import ShardLedger, ShardSetSpec, ShardSetWriter
+from sora_train.data_tools.parts import Part, add_part_argument, finish_part, part_done, part_label, resolve_part, say_done
 from sora_train.data_tools.probe import (
     REASONS,
     Crashed,
@@ -241,6 +243,19 @@ def caption_for(media: Path, manifest: dict[str, dict[str, Any]] | None) -> dict
     return {"caption": None, "captions": {}, "extra": {}}
 
 
+def _boxes_sidecar(media: Path) -> dict[str, Any]:
+    """NAME.boxes.json beside a video (docs/data.md, "Boxes"): {"boxes", "boxes_file"} when
+    present and well-formed, {} when absent; raises Rejected(bad_sidecar) naming the field."""
+    side = media.with_suffix("").with_name(media.with_suffix("").name + BOXES_SUFFIX)
+    if not side.is_file():
+        return {}
+    try:
+        boxes = load_boxes(side, what=side.name)
+    except SoraError as e:
+        raise Rejected("bad_sidecar", str(e)) from None
+    return {"boxes": boxes.to_json(), "boxes_file": side.name}
+
+
 # -- one file (runs in a worker) -----------------------------------------------------------
 def _ingest_task(task: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """Read, hash, probe and cut one file. Returns a dict with status kept/skipped/rejected."""
@@ -260,6 +275,11 @@ def _ingest_task(task: dict[str, Any], context: dict[str, Any]) -> dict[str, Any
             clips = [{"start": 0, "end": 1, "ext": info.ext, "data": data, "fps": 0.0, "num_frames": 1,
                       "width": info.width, "height": info.height}]
             return {"status": "kept", "sha256": sha, "info": asdict(info), "clips": _blur_faces(clips, opts), "dropped": []}
+        if task.get("boxes") is not None:  # keyframes past the source's last frame: refused with the file's name
+            try:
+                parse_boxes(task["boxes"], task["boxes_file"], num_frames=info.num_frames)
+            except SoraError as e:
+                raise Rejected("bad_sidecar", str(e)) from None
         cuts = cutter.cuts() if cutter else []
         kept, dropped = plan_clips(info.num_frames, info.fps, opts.clip_limits, cuts)
         if not kept:
@@ -397,8 +417,11 @@ def ingest(
     options: IngestOptions = IngestOptions(),
     manifest: str | os.PathLike | None = None,
     quiet: bool = False,
+    part: Part | None = None,
 ) -> dict[str, Any]:
-    """Ingest ``inputs`` (folders/files; or the manifest's files when empty) into ``out``.
+    """Ingest ``inputs`` (folders/files; or the manifest's files when empty) into ``out``; with
+    ``part``, only that part of the sorted input files, into ``out/parts/part-K-of-N``
+    (data_tools/parts.py; `sora-data merge` joins the parts).
 
     Returns the merged index.json. Raises SoraError for bad inputs/options (exit 2) and
     IngestFailed (exit 1) when --out cannot be written or the set holds no sample at the end.
@@ -415,8 +438,18 @@ def ingest(
     else:
         raise SoraError("give INPUT folders/files, or --manifest")
 
+    mine, label = files, f"--out {display_path(out)}"
+    if part is not None:  # the units are the input files in the order one run takes them
+        units = [display_path(os.path.relpath(f, root)) for root, f in files]
+        done = part_done(part, out, TOOL, options.options_hash(), units)
+        if done is not None:
+            say_done(part, out, done, quiet)
+            return done
+        mine, label, set_dir = part.select(files), part_label(part, out), part.dir(out)
+    else:
+        set_dir = out
     tasks: list[dict[str, Any]] = []
-    for root, f in files:
+    for root, f in mine:
         rel = display_path(os.path.relpath(f, root))
         task: dict[str, Any] = {"file": str(f), "rel": rel, "display": display_path(os.path.abspath(f)), "ext": f.suffix.lstrip(".")}
         try:
@@ -424,6 +457,7 @@ def ingest(
             if cap["caption"] is None and options.missing_caption == "reject":
                 raise Rejected("missing_caption", "no manifest row, NAME.json or NAME.txt caption")
             task["caption"] = cap
+            task.update(_boxes_sidecar(f))
         except Rejected as r:
             task["reject"] = (r.reason, r.detail)
         tasks.append(task)
@@ -432,9 +466,9 @@ def ingest(
         if unmatched:
             log.warning("%d manifest rows name files that are not among the inputs; they were not ingested", unmatched)
 
-    spec = ShardSetSpec(tool=TOOL, label=f"--out {display_path(out)}", verb="ingested", options=options.written(),
+    spec = ShardSetSpec(tool=TOOL, label=label, verb="ingested", options=options.written(),
                         options_hash=options.options_hash(), reject_field="file", failure=IngestFailed)
-    shard_set = ShardSetWriter(out, spec, SourceLedger, max_count=options.shard_max_count, max_bytes=options.shard_max_bytes)
+    shard_set = ShardSetWriter(set_dir, spec, SourceLedger, max_count=options.shard_max_count, max_bytes=options.shard_max_bytes)
     ledger: SourceLedger = shard_set.ledger  # type: ignore[assignment]
     run: dict[str, Any] = {"inputs": len(tasks), "other_files": other, "kept_sources": 0, "kept_clips": 0,
                            "skipped": 0, "rejected": Counter(), "seconds_of_video": 0.0, "faces_blurred": 0, "clips_with_faces": 0,
@@ -472,7 +506,10 @@ def ingest(
     run["workers"] = options.workers
     index = shard_set.close(run, reevaluated, ingest_format=INGEST_FORMAT, num_sources=len({r["sha256"] for r in ledger.rows}))
     if not quiet:
-        print_summary(index, run, out)
+        print_summary(index, run, set_dir)
+    if part is not None:  # a part may hold no sample; the merge judges the whole set
+        finish_part(part, out, TOOL, options.options_hash(), units, "files", index)
+        return index
     if index["num_samples"] == 0:
         if not tasks:
             raise IngestFailed(f"nothing usable was written to {display_path(out)}: no video or image files in the inputs")
@@ -513,6 +550,10 @@ def _write_source(
         }
         if "license" in cap:
             meta["license"] = cap["license"]
+        if task.get("boxes") is not None:  # the sidecar's tracks on this clip's frames
+            boxes = parse_boxes(task["boxes"], task["boxes_file"]).at_frames(range(c["start"], c["end"]))
+            if boxes.objects:
+                meta["boxes"] = boxes.to_json()
         if extra:
             meta["extra"] = extra
         if "faces" in c:
@@ -593,6 +634,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per file before it is rejected as timeout (0: no limit)")
     g.add_argument("--shard-size", type=int, default=d.shard_max_count, help="samples per shard")
     g.add_argument("--shard-max-mb", type=float, default=d.shard_max_bytes / 2**20, help="MiB per shard")
+    add_part_argument(g)
     p.epilog = "reject reasons: " + ", ".join(REASONS)
 
 
@@ -607,5 +649,6 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    ingest(args.inputs, args.out, options_from_args(args), manifest=args.manifest)
+    options = options_from_args(args)
+    ingest(args.inputs, args.out, options, manifest=args.manifest, part=resolve_part(args.part))
     return 0

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from sora_train.data.boxes import boxes_for_clip, collate_boxes
 from sora_train.data.buckets import Bucket, BucketTable
 from sora_train.data.shards import ALLOWED_EXTS, INDEX_NAME, UnreadableShard, iter_tar_samples, shard_paths
 from sora_train.data.transforms import crop_offsets, frame_indices, resize_for_crop, resize_frames
@@ -106,6 +107,7 @@ class LoadedSample:
     caption: str
     fps: float
     text: torch.Tensor | None = None  # the caption's cached (L, D) embedding (latent sets)
+    boxes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # dense (K, F, 4), (K, F), (K,): data/boxes.py
 
 
 @dataclass
@@ -291,9 +293,10 @@ class ShardVideoDataset(IterableDataset):
                 return caps[options[int(rng.choice(len(options), p=p / p.sum()))][0]]
         return str(meta.get("caption") or "")
 
-    def decode_clip(self, item: PendingSample, bucket: Bucket, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    def decode_clip(self, item: PendingSample, bucket: Bucket, rng: np.random.Generator, geometry: dict[str, Any] | None = None) -> tuple[np.ndarray, float]:
         """-> frames (F, H, W, 3) uint8 at the bucket's shape, effective fps (validation sets:
-        centred and deterministic, what cache-latents encodes)."""
+        centred and deterministic, what cache-latents encodes). ``geometry``, when given, is
+        filled with the source frames chosen, the resize and the crop (boxes follow them)."""
         meta = item.meta
         f, h, w = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
         fps = float(meta.get("fps") or 0.0)
@@ -318,13 +321,23 @@ class ShardVideoDataset(IterableDataset):
         if frames.shape[0] != bucket.num_frames:
             raise ValueError(f"decoded {frames.shape[0]} frames, bucket needs {bucket.num_frames}")
         top, left = crop_offsets(frames.shape[1], frames.shape[2], bucket.height, bucket.width, rng if self.train else None)
+        if geometry is not None:
+            geometry.update(indices=[0] if item.media_ext in IMAGE_EXTS else list(idx), resized=(frames.shape[1], frames.shape[2]), crop=(top, left))
         return frames[:, top : top + bucket.height, left : left + bucket.width], out_fps
 
     def load_sample(self, item: PendingSample, bucket: Bucket, rng: np.random.Generator, batch: list[LoadedSample]) -> LoadedSample:
         """Decode one sample of a batch (``batch``: those before it); raises on a corrupt one."""
-        frames, fps = self.decode_clip(item, bucket, rng)
+        geometry: dict[str, Any] = {}
+        frames, fps = self.decode_clip(item, bucket, rng, geometry)
         # (F, H, W, 3) uint8, a strided crop view
-        return LoadedSample(item.key, torch.from_numpy(frames), self._choose_caption(item.meta, rng), fps)
+        return LoadedSample(item.key, torch.from_numpy(frames), self._choose_caption(item.meta, rng), fps,
+                            boxes=self._boxes(item, geometry, bucket))
+
+    @staticmethod
+    def _boxes(item: PendingSample, geometry: dict[str, Any], bucket: Bucket) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The sample's boxes (json ``boxes``) on the frames and crop the loader chose, dense."""
+        boxes = boxes_for_clip(item.meta, item.key, geometry, bucket.height, bucket.width)
+        return None if boxes is None else boxes.dense(bucket.num_frames)
 
     def collate(self, batch: list[LoadedSample]) -> dict[str, Any]:
         """The tensors of a batch. Video stays uint8, channels last as decoded: one plain copy
@@ -344,8 +357,10 @@ class ShardVideoDataset(IterableDataset):
             st.seen += 1
         if not batch:
             return None
+        boxes = collate_boxes([s.boxes for s in batch], bucket.num_frames)
         return {
             **self.collate(batch),
+            **(boxes or {}),
             "caption": [s.caption for s in batch],
             "fps": torch.tensor([s.fps for s in batch], dtype=torch.float32),
             "key": [s.key for s in batch],

@@ -200,7 +200,8 @@ class LatentShardDataset(ShardVideoDataset):
             raise ValueError(f"latent shape {tuple(z.shape)} differs from the batch's {tuple(batch[0].data.shape)}")
         caption, emb = self._text_for(item, self._choose_caption(item.meta, rng))
         fps = 0.0 if bucket.is_image else float(item.meta.get("fps") or 0.0)
-        return LoadedSample(item.key, z, caption, fps, emb)
+        # boxes: the json was updated to the cached clip (cache-latents), so frame i is latent-clip frame i
+        return LoadedSample(item.key, z, caption, fps, emb, boxes=self._boxes(item, {}, bucket))
 
     def collate(self, batch: list[LoadedSample]) -> dict[str, Any]:
         out: dict[str, Any] = {"latent": torch.stack([s.data for s in batch])}  # (B, C, f, h, w)

@@ -46,7 +46,7 @@ from sora_train.utils.io import file_lock, sha256_bytes
 
 # Bump when rendering, captions or sampling change: it is part of the options stored in
 # index.json, so ensure_shapes_dataset regenerates stale sets instead of reusing them.
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2  # 2: every sample's json carries its per-frame `boxes`; world option `motion`
 
 # -- vocabulary ---------------------------------------------------------------------------
 # Six saturated hues plus white. As directions in RGB (what the reader compares, so overall
@@ -70,6 +70,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 SIZES: tuple[str, ...] = ("small", "large")
+MOTIONS: tuple[str, ...] = ("straight", "varied")
+# varied motion: how far a waypoint may leave the straight line, fraction of the frame across it
+VARIED_OFFSET = 0.3
 
 # Unit motion vector (x right, y down) of each direction.
 _DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -149,16 +152,52 @@ class ShapeMotion:
     """Where one clip's object is: its size and the bounding-box centre at first/last frame.
 
     ``radius`` is the equal-area radius in pixels; positions are (x, y) in pixels.
+    ``waypoints``: (t, x, y) with t in [0, 1] over the clip, increasing, first at (0, start)
+    and last at (1, end): the centre moves piecewise linearly through them (turns, speed
+    changes, stops); empty = constant velocity from start to end.
     """
 
     radius: float
     start: tuple[float, float]
     end: tuple[float, float]
+    waypoints: tuple[tuple[float, float, float], ...] = ()
 
     def centres(self, num_frames: int) -> np.ndarray:
-        """Bounding-box centre per frame at constant velocity -> (F, 2) as (x, y)."""
-        t = np.linspace(0.0, 1.0, num_frames)[:, None]  # (F, 1)
-        return np.asarray(self.start) + t * (np.asarray(self.end) - np.asarray(self.start))  # (F, 2)
+        """Bounding-box centre per frame -> (F, 2) as (x, y)."""
+        t = np.linspace(0.0, 1.0, num_frames)  # (F,)
+        if self.waypoints:
+            wp = np.asarray(self.waypoints, np.float64)  # (K, 3) as (t, x, y)
+            return np.stack([np.interp(t, wp[:, 0], wp[:, 1]), np.interp(t, wp[:, 0], wp[:, 2])], axis=1)  # (F, 2)
+        return np.asarray(self.start) + t[:, None] * (np.asarray(self.end) - np.asarray(self.start))  # (F, 2)
+
+
+def half_extent(shape: str, radius: float) -> tuple[float, float]:
+    """Half width and half height of ``shape``'s bounding box at equal-area ``radius`` (px)."""
+    if shape == "circle":
+        return radius, radius
+    if shape == "square":
+        return _SQUARE_HALF * radius, _SQUARE_HALF * radius
+    if shape == "triangle":
+        return _TRI_SIDE * radius / 2, _TRI_SIDE * radius / 2
+    if shape == "diamond":
+        return _DIAMOND_HALF * radius, _DIAMOND_HALF * radius
+    raise SoraError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
+
+
+def clip_boxes(shape: str, centres: np.ndarray, radius: float, height: int, width: int) -> np.ndarray:
+    """The object's bounding box per frame, normalised [x0, y0, x1, y1] -> (F, 4), clipped to
+    the frame (the world keeps objects inside it, so clipping only absorbs rounding)."""
+    hx, hy = half_extent(shape, radius)
+    x, y = centres[:, 0], centres[:, 1]  # (F,)
+    out = np.stack([(x - hx) / width, (y - hy) / height, (x + hx) / width, (y + hy) / height], axis=1)  # (F, 4)
+    return np.clip(out, 0.0, 1.0)
+
+
+def boxes_json(shape: str, motion: "ShapeMotion", num_frames: int, height: int, width: int) -> dict[str, Any]:
+    """The sample json's ``boxes`` (sora_train.data.boxes format): one hard box per frame."""
+    boxes = clip_boxes(shape, motion.centres(num_frames), motion.radius, height, width)  # (F, 4)
+    keyframes = [{"frame": i, "box": [round(float(v), 5) for v in b]} for i, b in enumerate(boxes)]
+    return {"num_frames": num_frames, "objects": [{"id": 0, "mode": "hard", "keyframes": keyframes}]}
 
 
 # -- the world ------------------------------------------------------------------------------
@@ -181,6 +220,10 @@ class ShapesWorld:
         margin: gap kept between the object's extent and the frame edge, fraction of frame.
         supersample: sub-samples per pixel side for antialiased coverage (4 -> 16 per
             pixel, coverage quantised to 1/16; finer changes nothing visible after H.264).
+        motion: "straight" (constant velocity, the captioned direction) or "varied": the same
+            start and end (so the caption's direction is still the net motion) reached through
+            one or two random waypoints off the straight line, at random times, sometimes
+            pausing — turns, speed changes and stops for box control to learn from.
     """
 
     height: int = 32
@@ -193,6 +236,7 @@ class ShapesWorld:
     travel: tuple[float, float] = (0.35, 0.45)
     margin: float = 0.03
     supersample: int = 4
+    motion: str = "straight"
 
     def __post_init__(self) -> None:
         # Fields may arrive as lists from a config; store tuples so the world stays hashable.
@@ -214,6 +258,8 @@ class ShapesWorld:
                 raise SoraError(f"ShapesWorld: {name}={getattr(self, name)} must be an increasing range of positive fractions")
         if self.small_radius[1] >= self.large_radius[0]:
             raise SoraError(f"ShapesWorld: small_radius {self.small_radius} overlaps large_radius {self.large_radius}")
+        if self.motion not in MOTIONS:
+            raise SoraError(f"ShapesWorld: motion={self.motion!r} must be one of {list(MOTIONS)}")
         if not 1 <= self.supersample <= 15:  # coverage counts ss^2 sub-samples in a uint8
             raise SoraError(f"ShapesWorld: supersample={self.supersample} must be in 1..15")
         side = min(self.height, self.width)
@@ -278,9 +324,27 @@ class ShapesWorld:
             start_along = along_len - start_along
         across = rng.uniform(m_across + ext, across_len - m_across - ext)
         end_along = start_along + sign * travel
-        if moving_x:
-            return ShapeMotion(float(radius), (float(start_along), float(across)), (float(end_along), float(across)))
-        return ShapeMotion(float(radius), (float(across), float(start_along)), (float(across), float(end_along)))
+        xy = (lambda a, c: (float(a), float(c))) if moving_x else (lambda a, c: (float(c), float(a)))
+        if self.motion == "straight":
+            return ShapeMotion(float(radius), xy(start_along, across), xy(end_along, across))
+        # varied: 1-2 waypoints between start and end along the axis, off the line across it,
+        # at random times (uneven speed); half the time one of them is held (a stop).
+        n = int(rng.integers(1, 3))
+        lo_c, hi_c = m_across + ext, across_len - m_across - ext
+        fracs = np.sort(rng.uniform(0.15, 0.85, n))
+        times = np.sort(rng.uniform(0.1, 0.9, n))
+        points = [(0.0, *xy(start_along, across))]
+        for fr, tm in zip(fracs, times):
+            c = float(np.clip(across + rng.uniform(-VARIED_OFFSET, VARIED_OFFSET) * across_len, lo_c, hi_c))
+            points.append((float(tm), *xy(start_along + sign * fr * travel, c)))
+        if rng.random() < 0.5:  # stop: hold one waypoint for a while
+            j = 1 + int(rng.integers(n))
+            hold = float(min(points[j][0] + rng.uniform(0.1, 0.25), 0.95))
+            nxt = points[j + 1][0] if j + 1 < len(points) else 1.0
+            if hold < nxt:
+                points.insert(j + 1, (hold, points[j][1], points[j][2]))
+        points.append((1.0, *xy(end_along, across)))
+        return ShapeMotion(float(radius), xy(start_along, across), xy(end_along, across), tuple(points))
 
     # -- drawing ------------------------------------------------------------------------------
     def coverage(self, shape: str, centres: np.ndarray, radius: float) -> np.ndarray:
@@ -439,7 +503,9 @@ def _sample_meta(
             "radius_px": round(motion.radius, 4),
             "start_xy": [round(v, 4) for v in motion.start],
             "end_xy": [round(v, 4) for v in motion.end],
+            **({"waypoints_txy": [[round(v, 4) for v in p] for p in motion.waypoints]} if motion.waypoints else {}),
         },
+        "boxes": boxes_json(attrs.shape, motion, world.num_frames, world.height, world.width),
     }
 
 
