@@ -3,6 +3,8 @@
     sora-data ingest footage/ --out data/shards/mine        # docs/data.md
     sora-data probe footage/                                # what decodes, codecs, hours
     sora-data probe data/shards/mine --json                 # verify a shard set
+    sora-data ingest footage/ --out OUT --part 2/4          # one part of an array job; then:
+    sora-data merge OUT                                     # the parts -> one shard set
 
 Adding a subcommand is one line in ``SUBCOMMANDS``: its help and the module that implements
 it, with ``add_arguments(parser)`` and ``run(args) -> exit status``.
@@ -30,6 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preview": ("PNG contact sheet of what the loader feeds, per bucket (frames + captions)", "preview"),
     "cache-latents": ("video shard set -> latent shard set (VAE latents, optional text embeddings) for DiT training", "cache_latents"),
     "recaption": ("rewrite a shard set's captions with a re-writer (optionally from frames) -> a new shard set", "recaption"),
+    "merge": ("join the parts an array job wrote (--part K/N of ingest, recaption, cache-latents) into one shard set", "parts"),
 }
 
 

@@ -55,6 +55,7 @@ import numpy as np
 from sora_train.data.shards import REJECTS_NAME, REQUIRED_META, iter_samples, read_index, sample_entry, shard_paths
 from sora_train.data.shardset import ShardLedger, ShardSetSpec, ShardSetWriter
 from sora_train.data.video_io import IMAGE_EXTS, VIDEO_EXTS
+from sora_train.data_tools.parts import Part, add_part_argument, finish_part, part_done, part_label, resolve_part, say_done
 from sora_train.data_tools.probe import display_path, print_run_summary, progress, short
 from sora_train.utils import get_logger, stable_hash
 from sora_train.utils.errors import SoraError
@@ -210,11 +211,10 @@ class _Item:
     error: str | None = None
 
 
-def _input_samples(inputs: list[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
-    for shard_dir in inputs:
-        for path in shard_paths(shard_dir):
-            for sample in iter_samples(path):
-                yield f"{display_path(shard_dir)}/{Path(path).name}", sample
+def _input_samples(shards: list[tuple[Path, str]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for shard_dir, path in shards:
+        for sample in iter_samples(path):
+            yield f"{display_path(shard_dir)}/{Path(path).name}", sample
 
 
 def _to_item(sample: dict[str, Any], source_caption: str) -> _Item | tuple[str, str]:
@@ -274,8 +274,11 @@ def recaption(
     options: RecaptionOptions = RecaptionOptions(),
     rewriter_name: str | None = None,
     quiet: bool = False,
+    part: Part | None = None,
 ) -> dict[str, Any]:
     """Recaption the shard sets ``inputs`` into ``out`` with ``rewriter``; returns index.json.
+    With ``part``, only that part of the input shards, into ``out/parts/part-K-of-N``
+    (data_tools/parts.py; `sora-data merge` joins the parts).
 
     Raises SoraError for bad inputs/options (exit 2) and RecaptionFailed (exit 1) when --out
     cannot be written, too many requests fell back, or the set holds no sample at the end.
@@ -288,11 +291,21 @@ def recaption(
     in_indexes = [read_index(d) for d in in_dirs]  # SoraError when one is not a shard set
     identity = rewriter.identity()
     opts_hash = options.options_hash(identity)
-    spec = ShardSetSpec(tool=TOOL, label=f"--out {display_path(out)}", verb="recaptioned", options=options.written(identity),
+    in_shards = [(d, p) for d in in_dirs for p in shard_paths(d)]
+    counts = {str(Path(d) / s["name"]): int(s.get("count") or 0) for d, ix in zip(in_dirs, in_indexes) for s in ix.get("shards") or []}
+    label, set_dir = f"--out {display_path(out)}", out
+    if part is not None:  # the units are the input shards, in the order one run reads them
+        units = [display_path(p) for _, p in in_shards]
+        finished = part_done(part, out, TOOL, opts_hash, units)
+        if finished is not None:
+            say_done(part, out, finished, quiet)
+            return finished
+        in_shards, label, set_dir = part.select(in_shards), part_label(part, out), part.dir(out)
+    spec = ShardSetSpec(tool=TOOL, label=label, verb="recaptioned", options=options.written(identity),
                         options_hash=opts_hash, reject_field="key", failure=RecaptionFailed, sources=tuple(in_dirs))
-    shard_set = ShardSetWriter(out, spec, partial(ShardLedger, describe=_ledger_entry),
+    shard_set = ShardSetWriter(set_dir, spec, partial(ShardLedger, describe=_ledger_entry),
                                max_count=options.shard_max_count, max_bytes=options.shard_max_bytes)
-    total = sum(int(ix.get("num_samples") or 0) for ix in in_indexes)
+    total = sum(counts.get(str(p), 0) for _, p in in_shards)
     run: dict[str, Any] = {"inputs": [display_path(d) for d in in_dirs], "written": 0, "skipped": 0,
                            "rejected": Counter(), "status": Counter({s: 0 for s in STATUSES}), "fallback_reasons": Counter(),
                            "requests_fell_back": 0, "requests": 0}
@@ -335,7 +348,7 @@ def recaption(
     try:
         with shard_set, progress("recaption", total) as advance:
             chunk: list[_Item] = []
-            for shard_name, sample in _input_samples(in_dirs):
+            for shard_name, sample in _input_samples(in_shards):
                 key = sample["__key__"]
                 if key in done:  # no request for it
                     run["skipped"] += 1
@@ -379,9 +392,12 @@ def recaption(
         rewrite_status=dict(statuses),
     )
     if not quiet:
-        print_summary(index, run, out)
+        print_summary(index, run, set_dir)
     if stopped:
-        raise RecaptionFailed(f"stopped: {stopped}; {run['written']} samples written to {display_path(out)}, a re-run resumes")
+        raise RecaptionFailed(f"stopped: {stopped}; {run['written']} samples written to {display_path(set_dir)}, a re-run resumes")
+    if part is not None:  # a part may hold no sample; the merge judges the whole set
+        finish_part(part, out, TOOL, opts_hash, units, "shards", index)
+        return index
     if index["num_samples"] == 0:
         raise RecaptionFailed(f"nothing was written to {display_path(out)}: the input holds no usable sample (see {REJECTS_NAME})")
     return index
@@ -440,9 +456,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop (exit 1) when more than this fraction of this run's requests fell back (1: never)")
     g.add_argument("--shard-size", type=int, default=d.shard_max_count, help="samples per shard")
     g.add_argument("--shard-max-mb", type=float, default=d.shard_max_bytes / 2**20, help="MiB per shard")
+    add_part_argument(g)
 
 
 def run(args: argparse.Namespace) -> int:
+    part = resolve_part(args.part)
     options = RecaptionOptions(  # checked before composing the re-writer, which can be slow (hf loads a model)
         source_caption=args.source_caption, visual=args.visual, frames=args.frames, frame_size=args.frame_size,
         frame_format=args.frame_format, batch_size=64 if args.batch_size is None else args.batch_size, workers=args.workers,
@@ -452,5 +470,5 @@ def run(args: argparse.Namespace) -> int:
     rewriter = build_rewriter(args.rewriter, args.rewriter_opt or [], args.concurrency)
     if args.batch_size is None:  # enough samples per chunk to keep every request slot busy
         options = replace(options, batch_size=max(64, 4 * int(getattr(rewriter, "concurrency", 1))))
-    recaption(args.inputs, args.out, rewriter, options, rewriter_name=args.rewriter)
+    recaption(args.inputs, args.out, rewriter, options, rewriter_name=args.rewriter, part=part)
     return 0
