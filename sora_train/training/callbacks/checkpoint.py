@@ -14,6 +14,17 @@ handling outside Slurm stops without saving (and exits 0), and broadcasts from i
 signal handler; ours only sets a flag, and the ranks agree on it at the end of each step with
 one small all-reduce. SIGKILL cannot be caught: resume continues from the newest complete
 periodic checkpoint.
+
+SIGUSR1 / SIGUSR2 (Slurm's time-limit warning: ``sbatch --signal=USR1@120``, or USR2 from
+Hydra's submitit launcher; ``scancel -s USR1`` by hand): the same save of the current step on
+every rank, then the job is requeued (``utils/preemption.py``: submitit's handler requeues on
+the submitit path, ``scontrol requeue`` on the plain sbatch path) and the run exits like after
+SIGTERM. Lightning's SLURM auto-requeue (a non-atomic ``hpc_ckpt_<n>.ckpt``) is switched off.
+
+Which checkpoint ``resume=auto`` picks (one rule, :func:`find_resume_checkpoint`): the
+complete ``checkpoints/step=<N>.ckpt`` with the highest N; ``last.ckpt`` only when there is no
+numbered one; never a ``.partial``. A run directory holding Lightning's ``hpc_ckpt_*.ckpt`` is
+refused with one line (resume from it explicitly, or move it away).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sora_train.training.log_steps import is_optimizer_step
+from sora_train.utils import preemption
 from sora_train.utils.errors import SoraError
 from sora_train.utils.logging import get_logger
 
@@ -40,13 +52,14 @@ log = get_logger(__name__)
 
 PARTIAL = ".partial"
 _STEP_RE = re.compile(r"step=(\d+)")
+_NUMBERED_RE = re.compile(r"step=(\d+)\.ckpt")  # what resume=auto ranks (not .partial, not .universal)
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (sysexits EX_TEMPFAIL).
 PREEMPTED_EXIT_CODE = 75
 
 
 class Preempted(SystemExit):
-    """Raised on every rank after the SIGTERM checkpoint is written; rank 0 exits with
-    PREEMPTED_EXIT_CODE, the others with 0."""
+    """Raised on every rank after the SIGTERM (or requeue signal) checkpoint is written; rank 0
+    exits with PREEMPTED_EXIT_CODE, the others with 0."""
 
     def __init__(self, step: int, path: str | None, rank: int = 0) -> None:
         super().__init__(PREEMPTED_EXIT_CODE if rank == 0 else 0)
@@ -59,7 +72,8 @@ class CheckpointPolicy(ModelCheckpoint):
         every_n_steps: save every N optimizer steps (None: off).
         every_n_minutes: save every M minutes of training wall-clock (None: off).
         keep_last: how many periodic checkpoints to keep (newest by step).
-        save_on_sigterm: on SIGTERM, finish the step, save it and exit with status 75.
+        save_on_sigterm: on SIGTERM, finish the step, save it and exit with status 75; on
+            SIGUSR1/SIGUSR2 (Slurm's time-limit warning) the same, and the job is requeued.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int | None = 500, every_n_minutes: float | None = None, keep_last: int = 3,
@@ -86,6 +100,21 @@ class CheckpointPolicy(ModelCheckpoint):
         self.save_on_sigterm = save_on_sigterm
         self._sigterm = False
         self._previous_handler: Any = None
+        if save_on_sigterm:
+            # Now already, not at on_train_start: a time-limit warning during set-up must not
+            # end the process (SIGUSR1/2's default), nor reach Lightning's own requeue handler.
+            preemption.install()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        # One checkpoint path: ours. Lightning's SLURM auto-requeue would save hpc_ckpt_<n>.ckpt
+        # (not atomically, from inside its signal handler) and resume from it whenever fit gets
+        # no ckpt_path. Its handlers are registered after this hook.
+        environment = trainer.strategy.cluster_environment
+        if self.save_on_sigterm and isinstance(environment, SLURMEnvironment):
+            environment.auto_requeue = False
 
     # -- SIGTERM ---------------------------------------------------------------------------------
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -108,16 +137,17 @@ class CheckpointPolicy(ModelCheckpoint):
         self._restore_handler()
         super().on_exception(trainer, pl_module, exception)
 
-    def _agree(self, trainer: pl.Trainer, sigterm: bool, time_due: bool) -> tuple[bool, bool]:
-        """Every rank must take the same decision to save (a save is collective)."""
+    def _agree(self, trainer: pl.Trainer, sigterm: bool, time_due: bool, requeue: int) -> tuple[bool, bool, int]:
+        """Every rank must take the same decision to save (a save is collective). ``requeue``:
+        the requeue signal's number, 0 for none."""
         if trainer.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return sigterm, time_due
-        # One 2-element all-reduce per step; on GPUs a host sync, like Lightning's own per-step
+            return sigterm, time_due, requeue
+        # One 3-element all-reduce per step; on GPUs a host sync, like Lightning's own per-step
         # SIGTERM broadcast.
-        flags = torch.tensor([float(sigterm), float(time_due)], device=trainer.strategy.root_device)
+        flags = torch.tensor([float(sigterm), float(time_due), float(requeue)], device=trainer.strategy.root_device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        s, t = flags.tolist()
-        return bool(s), bool(t)
+        s, t, r = flags.tolist()
+        return bool(s), bool(t), int(r)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -129,12 +159,21 @@ class CheckpointPolicy(ModelCheckpoint):
             if self._last_time_save is None:
                 self._last_time_save = now
             time_due = (now - self._last_time_save) / 60.0 >= self.every_n_minutes
-        sigterm, time_due = self._agree(trainer, self._sigterm, time_due)
+        noted = (preemption.requested() or 0) if self.save_on_sigterm else 0
+        sigterm, time_due, requeue = self._agree(trainer, self._sigterm, time_due, noted)
         if time_due:
             self._last_time_save = time.monotonic()
-        if (sigterm or time_due) and self._last_global_step_saved != trainer.global_step:
+        if (sigterm or time_due or requeue) and self._last_global_step_saved != trainer.global_step:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if requeue:
+            path = self.best_model_path or None
+            name = signal.Signals(requeue).name
+            log.warning("%s: saved the checkpoint of step %d (%s); requeueing the job", name, trainer.global_step, path)
+            self._restore_handler()
+            done = preemption.hand_over(requeue, trainer.global_rank)
+            log.warning("%s: %s; exiting with status %d, the requeued job continues with resume=auto", name, done, PREEMPTED_EXIT_CODE)
+            raise Preempted(trainer.global_step, path, trainer.global_rank)
         if sigterm:
             path = self.best_model_path or None  # top-k by step: the newest
             log.warning("SIGTERM: saved the checkpoint of step %d (%s); exiting with status %d, continue with resume=auto",
@@ -244,29 +283,31 @@ def _remove(path: str) -> None:
 
 
 def find_resume_checkpoint(spec: str | None, run_dir: str | os.PathLike) -> str | None:
-    """``resume``: None -> fresh run; "auto" -> newest complete checkpoint under
-    run_dir/checkpoints, or Lightning's Slurm requeue checkpoint (run_dir/hpc_ckpt_N.ckpt) when
-    that is newer (None if there is none yet); a path -> that checkpoint."""
+    """``resume``: None -> fresh run; a path -> that checkpoint; "auto" -> the one rule:
+
+    the complete ``run_dir/checkpoints/step=<N>.ckpt`` (file, or DeepSpeed's directory) with the
+    highest N, whether a periodic save, the final one or a signal's (SIGTERM, Slurm's time-limit
+    warning) wrote it; ``last.ckpt`` only when no numbered one exists; ``*.partial`` (a save that
+    did not finish) never; None when there is nothing yet. Lightning's ``run_dir/hpc_ckpt_*.ckpt``
+    (written by its SLURM auto-requeue, which sora-train switches off; not atomic) is refused:
+    Lightning would otherwise resume from it by itself whenever no checkpoint is passed."""
     if spec in (None, "", "null", "none", False):
         return None
     if spec == "auto":
         ckpt_dir = Path(run_dir) / "checkpoints"
-        hpc = sorted(Path(run_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+        hpc = sorted(Path(run_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: (len(p.name), p.name))
+        if hpc:
+            raise SoraError(
+                f"resume=auto: {run_dir} holds Lightning's HPC checkpoint {hpc[-1].name}, which sora-train neither writes nor "
+                f"resumes from (it is not written atomically); continue from it with resume={hpc[-1]}, or move it out of {run_dir}"
+            )
         if not ckpt_dir.is_dir():
-            return str(hpc[-1]) if hpc else None
-        best: tuple[int, str] | None = None
-        for p in ckpt_dir.iterdir():
-            if p.name.endswith(PARTIAL) or not p.name.endswith(".ckpt"):
-                continue
-            m = _STEP_RE.search(p.name)
-            step = int(m.group(1)) if m else -1
-            if p.name == "last.ckpt":
-                step = -1  # prefer an explicitly numbered checkpoint; last.ckpt is a copy of one
-            if best is None or step > best[0]:
-                best = (step, str(p))
-        if hpc and (best is None or hpc[-1].stat().st_mtime > Path(best[1]).stat().st_mtime):
-            return str(hpc[-1])  # saved at the Slurm time-limit signal, after the last periodic one
-        return best[1] if best else None
+            return None
+        numbered = [(int(m.group(1)), str(p)) for p in ckpt_dir.iterdir() if (m := _NUMBERED_RE.fullmatch(p.name))]
+        if numbered:
+            return max(numbered)[1]
+        last = ckpt_dir / "last.ckpt"  # a copy of a numbered one, written after it
+        return str(last) if last.exists() else None
     if not os.path.exists(str(spec)):
         raise SoraError(f"resume={spec}: no such checkpoint")
     return str(spec)
