@@ -15,7 +15,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sora_train.cli.build import build_callbacks, build_loggers, build_module, export_checkpoint, export_run, instantiate, is_vae_config, record_run_paths
 from sora_train.utils.errors import SoraError
 from sora_train.utils.logging import get_logger
 
@@ -42,6 +41,8 @@ def train(cfg: DictConfig) -> float | None:
 
     import lightning.pytorch as pl
 
+    # Here, not at the top: main() must install the time-limit signal handler before torch loads.
+    from sora_train.cli.build import build_callbacks, build_loggers, build_module, export_checkpoint, export_run, instantiate, is_vae_config, record_run_paths
     from sora_train.training.callbacks.checkpoint import find_resume_checkpoint
 
     # The VAE task optimises manually; a checkpoint at step N holds the state after step N's
@@ -104,7 +105,11 @@ def _close_process_group() -> None:
 
 def main() -> None:
     from sora_train.cli.common import run_hydra
+    from sora_train.utils import preemption
 
+    # First thing: Slurm's time-limit warning (SIGUSR1/2) ends a process that has no handler,
+    # and may come while torch is still loading (docs/launching.md, "Requeue and resume").
+    preemption.install()
     run_hydra(train, "train")
 
 
