@@ -57,7 +57,7 @@ def build_module(cfg: DictConfig):
     return build_dit_task(
         task, dit=instantiate(cfg.dit), text=instantiate(cfg.text), flow=instantiate(cfg.diffusion), optimizer=optimizer, scheduler=scheduler,
         vae=None if (vae_ckpt or cfg.get("init_from")) else instantiate(cfg.vae), vae_ckpt=vae_ckpt, init_from=cfg.get("init_from"), lora=plain(cfg.get("lora")),
-        parallel=parallelism(cfg),
+        parallel=parallelism(cfg), control=instantiate(cfg.control) if cfg.get("control") else None,
     )
 
 

@@ -61,6 +61,7 @@ def _shapes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--data", default=None, help="shapes dataset root whose index.json names the held-out pairs (default: the export's record)")
+    p.add_argument("--control-clips", type=int, default=8, help="box control (exports trained with control=boxes): requested paths per kind (curve, zig-zag, stop-and-go)")
     p.add_argument("--fast", action="store_true", help="a quick check that everything runs: 2 steps, a few combos and clips")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -71,7 +72,8 @@ def shapes(args: argparse.Namespace) -> int:
     from sora_train.training.shapes_eval import ShapesEvalSettings, print_table, run_shapes_eval
 
     settings = ShapesEvalSettings(num_per_combo=args.num_per_combo, max_combos=args.max_combos, clips_per_mode=args.clips_per_mode,
-                                  steps=args.steps, guidance_scale=args.guidance, shift=args.shift, seed=args.seed, batch_size=args.batch_size, fast=args.fast)
+                                  steps=args.steps, guidance_scale=args.guidance, shift=args.shift, seed=args.seed, batch_size=args.batch_size, fast=args.fast,
+                                  control_clips=args.control_clips)
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval_shapes"
     report = run_shapes_eval(args.ckpt, out, settings, data_dir=args.data, progress=not args.no_progress)
     print_table(report)

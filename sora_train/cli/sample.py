@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--extend", metavar="VIDEO", help="extend this video (forward; --backward for before it)")
     mode.add_argument("--interpolate", nargs=2, metavar=("FIRST", "LAST"), help="generate between two images")
     mode.add_argument("--edit", metavar="VIDEO", help="video-to-video edit with the prompt")
+    p.add_argument("--boxes", metavar="FILE", help="box motion control: a boxes JSON (docs/data.md, \"Boxes\"); keyframes are interpolated, works with every mode")
     p.add_argument("--backward", action="store_true", help="with --extend: generate what comes before")
     p.add_argument("--strength", type=float, default=0.6, help="with --edit: noise level to restart from (0..1)")
     p.add_argument("--context-latents", type=int, help="with --extend: latent frames of the video to keep as context")
@@ -159,6 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.backward:
         raise SoraError("--backward goes with --extend VIDEO")
 
+    if args.boxes:  # checked against the model and the clip before anything is sampled
+        from sora_train.data.boxes import load_boxes
+
+        kwargs["boxes"] = load_boxes(args.boxes, num_frames=frames, max_objects=pipe.max_boxes or None, what=f"--boxes {args.boxes}")
+        pipe.box_maps(kwargs["boxes"], frames, pipe.latent_shape(frames, height, width))
+
     torch.set_grad_enabled(False)
     out = Path(args.out)
     written = []
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             bar.advance(task, len(chunk))
     if not writer:
         return
-    index = [{"video": str(p), "prompt": prompts[i]} for i, p in enumerate(written)]
+    index = [{"video": str(p), "prompt": prompts[i], **({"boxes": kwargs["boxes"].to_json()} if "boxes" in kwargs else {})} for i, p in enumerate(written)]
     (out / "samples.json").write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {len(written)} videos to {out}/")
 

@@ -184,6 +184,12 @@ def half_extent(shape: str, radius: float) -> tuple[float, float]:
     raise SoraError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
 
 
+def centroid_offset(shape: str, radius: float) -> tuple[float, float]:
+    """(dx, dy) px from ``shape``'s bounding-box centre to its centroid (what the reader
+    tracks): non-zero only for the upward triangle."""
+    return 0.0, _CENTROID_OFFSET_Y[shape] * radius
+
+
 def clip_boxes(shape: str, centres: np.ndarray, radius: float, height: int, width: int) -> np.ndarray:
     """The object's bounding box per frame, normalised [x0, y0, x1, y1] -> (F, 4), clipped to
     the frame (the world keeps objects inside it, so clipping only absorbs rounding)."""

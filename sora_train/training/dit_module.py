@@ -50,6 +50,8 @@ class DiTModule(pl.LightningModule):
             ``bfloat16`` (half the memory and faster on GPUs).
         text_dtype: a frozen text encoder's weights: null keeps the encoder's own (an HF
             encoder's ``dtype`` option, float32 for the tiny one), or float32 / bfloat16.
+        box_control: box motion control (``training.box_control.BoxControl``, set by the
+            recipe from ``control: boxes``): batches' boxes become the DiT's box maps.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class DiTModule(pl.LightningModule):
         loss_bins: tuple[float, ...] = DEFAULT_LOSS_BINS,
         vae_dtype: str = "float32",
         text_dtype: str | None = None,
+        box_control: Any = None,
     ) -> None:
         super().__init__()
         self._frozen: dict[str, nn.Module] = {}  # not submodules: see the module docstring
@@ -85,6 +88,7 @@ class DiTModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.caption_dropout = caption_dropout
         self.loss_bins = tuple(loss_bins)
+        self.box_control = box_control
 
     # -- frozen parts ---------------------------------------------------------------------------
     @property
@@ -175,12 +179,22 @@ class DiTModule(pl.LightningModule):
             posterior = self.vae.encode(video.to(module_dtype(self.vae)))  # (B, C, f, h, w)
             return self.vae.normalize(posterior.sample()).float()
 
-    def call_dit(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor:
+    def call_dit(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cond_mask: torch.Tensor | None,
+                 box_maps: torch.Tensor | None = None) -> torch.Tensor:
         """The DiT on inputs cast to its weights' dtype (bf16 under DeepSpeed's bf16 mode);
         the velocity comes back in fp32 for the loss. t stays fp32: the timestep embedding
         computes its sinusoids in fp32 and casts them itself."""
         dtype = module_dtype(self.dit)
-        return self.dit(x.to(dtype), t, text.to(dtype), text_mask, cond_mask).float()  # (B, C, f, h, w)
+        if box_maps is None:
+            return self.dit(x.to(dtype), t, text.to(dtype), text_mask, cond_mask).float()  # (B, C, f, h, w)
+        return self.dit(x.to(dtype), t, text.to(dtype), text_mask, cond_mask, box_maps=box_maps).float()  # (B, C, f, h, w)
+
+    def box_maps(self, batch: dict[str, Any], grid: tuple[int, int, int]) -> torch.Tensor | None:
+        """The batch's boxes on the latent grid (B, 2M, f, h, w), or None (no control / no boxes)."""
+        if self.box_control is None:
+            return None
+        maps = self.box_control.maps(batch, grid, training=self.training)
+        return None if maps is None else maps.to(self.device)
 
     def encode_text(self, captions: list[str], cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (emb (B, L, D), mask (B, L)); caption dropout replaces some with "".
@@ -223,9 +237,10 @@ class DiTModule(pl.LightningModule):
         cond_mask = self.conditioning.sample(B, f).to(latents.device) if self.conditioning is not None else None  # (B, f)
         pt, ph, pw = self.dit.patch_size
         num_tokens = (f // pt) * (h // ph) * (w // pw)
+        box_maps = self.box_maps(batch, (f, h, w))  # (B, 2M, f, h, w) or None
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.call_dit(x_t, t, text, text_mask, cond_mask)
+            return self.call_dit(x_t, t, text, text_mask, cond_mask, box_maps)
 
         out = self.flow.training_losses(model_fn, latents, cond_mask=cond_mask, num_tokens=num_tokens)
         out["num_tokens"] = torch.tensor(num_tokens * B)
@@ -253,9 +268,10 @@ class DiTModule(pl.LightningModule):
         B = latents.shape[0]
         t = (torch.arange(B, dtype=torch.float32) + 0.5) / B  # evenly spread timesteps
         noise = torch.randn(latents.shape, generator=g).to(latents)
+        box_maps = self.box_maps(batch, tuple(latents.shape[2:]))  # validation: the boxes as given
 
         def model_fn(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-            return self.call_dit(x_t, tt, text, text_mask, None)
+            return self.call_dit(x_t, tt, text, text_mask, None, box_maps)
 
         out = self.flow.training_losses(model_fn, latents, cond_mask=None, noise=noise, t=t.to(latents))
         self.log("val/loss", out["loss"], prog_bar=True, batch_size=B, sync_dist=True)

@@ -179,6 +179,7 @@ class VideoPipeline:
         seed: int = 0,
         progress: bool = False,
         shift: float | None = None,
+        boxes: Any = None,
     ) -> Generation:
         """Generate one video per prompt.
 
@@ -196,6 +197,9 @@ class VideoPipeline:
                 sampler.shift, else the training shift for this many tokens).
             negative_prompt: the text guidance steers away from ("" = unconditional).
             seed: noise seed; the same seed, prompt and settings give the same video.
+            boxes: box motion control (``sora_train.data.boxes.Boxes``, keyframes interpolated
+                between) for the frames the model generates, in every mode; the DiT must have
+                been trained with ``control=boxes``. Recorded in ``settings["boxes"]``.
         Returns:
             Generation with video (B, 3, F', H, W) in [-1, 1] (F' > F for extension: the given
             video joined with the new frames).
@@ -234,15 +238,20 @@ class VideoPipeline:
         # The DiT runs in its weights' dtype (bf16 after DeepSpeed's bf16 training); the sampler
         # integrates in fp32.
         dtype = module_dtype(self.dit)
+        box_kw: dict[str, torch.Tensor] = {}
+        if boxes is not None:
+            box_kw["box_maps"] = self.box_maps(boxes, num_frames, (f, h, w)).to(device, dtype).expand(B, -1, -1, -1, -1)  # (B, 2M, f, h, w)
         cond_text = self._text(prompts, device, dtype)  # (B, L, D), (B, L)
         uncond_text = self._text([negative_prompt] * B, device, dtype)
         both_text = self._pad_cat(cond_text, uncond_text)  # (2B, L, D), (2B, L)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, guided: bool):
             if not guided:
-                return self.dit(x.to(dtype), t, cond_text[0], cond_text[1], cond_mask).float()
+                return self.dit(x.to(dtype), t, cond_text[0], cond_text[1], cond_mask, **box_kw).float()
             cm = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
-            v = self.dit(torch.cat([x, x]).to(dtype), torch.cat([t, t]), both_text[0], both_text[1], cm).float()  # (2B, C, f, h, w)
+            # boxes steer both branches: guidance amplifies the text, the boxes hold in each
+            bk = {k: torch.cat([v, v]) for k, v in box_kw.items()}
+            v = self.dit(torch.cat([x, x]).to(dtype), torch.cat([t, t]), both_text[0], both_text[1], cm, **bk).float()  # (2B, C, f, h, w)
             return v.chunk(2)
 
         g = torch.Generator().manual_seed(int(seed))
@@ -267,7 +276,29 @@ class VideoPipeline:
                     "negative_prompt": negative_prompt, "num_frames": num_frames, "height": height, "width": width}
         if mode == "edit":
             settings["strength"] = strength
+        if boxes is not None:
+            settings["boxes"] = boxes.to_json()
         return Generation(out, prompts, original, mode, int(seed), settings)
+
+    @property
+    def max_boxes(self) -> int:
+        """Objects the DiT's box control was trained for (0: it has none)."""
+        return int(getattr(self.dit, "max_boxes", 0) or 0)
+
+    def box_maps(self, boxes: Any, num_frames: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Checked boxes -> DiT box maps (1, 2M, f, h, w): keyframes interpolated to every
+        frame, then rasterised on the latent grid."""
+        from sora_train.data.boxes import rasterise_boxes
+
+        if not self.max_boxes:
+            raise SoraError(f"boxes: this model ({type(self.dit).__name__}) was not trained with box control (sora-train control=boxes)")
+        if len(boxes.objects) > self.max_boxes:
+            raise SoraError(f"boxes: objects has {len(boxes.objects)} objects; the model was trained for at most {self.max_boxes}")
+        for i, obj in enumerate(boxes.objects):
+            if obj.frames[-1] >= num_frames:
+                raise SoraError(f"boxes: objects[{i}] keyframe frame {obj.frames[-1]} is past the clip (frames 0..{num_frames - 1})")
+        bx, valid, hard = boxes.dense(num_frames)  # (K, F, 4), (K, F), (K,)
+        return rasterise_boxes(torch.from_numpy(bx)[None], torch.from_numpy(valid)[None], torch.from_numpy(hard)[None], self.max_boxes, grid)
 
     # -- models at their boundaries ----------------------------------------------------------------
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ def build_vae_task(task: Callable[..., Any], *, vae: nn.Module, optimizer: Calla
 
 def build_dit_task(task: Callable[..., Any], *, dit: Callable[..., nn.Module] | nn.Module, text: nn.Module, flow: Any, optimizer: Callable,
                    scheduler: Callable | None = None, vae: nn.Module | None = None, vae_ckpt: str | None = None, init_from: str | None = None,
-                   lora: dict | None = None, parallel: Parallelism | None = None):
+                   lora: dict | None = None, parallel: Parallelism | None = None, control: Any = None):
     """The DiT task with every part in place (see the module docstring for the order).
 
     Args:
@@ -93,6 +93,8 @@ def build_dit_task(task: Callable[..., Any], *, dit: Callable[..., nn.Module] | 
             one's ``trainable``).
         vae: the VAE to use when ``vae_ckpt`` is not set (smoke runs: an untrained VAE).
         lora: ``{rank, alpha, dropout, target_modules}`` or None.
+        control: box motion control (``training.box_control.BoxControl``) or None: the DiT
+            (the export's too) gains its box embedder before LoRA and parallelism wrap it.
     """
     from sora_train.models.export import load_parts, part_names
 
@@ -119,12 +121,23 @@ def build_dit_task(task: Callable[..., Any], *, dit: Callable[..., nn.Module] | 
             text.trainable = trainable
             text.requires_grad_(trainable)
         log.info("initialised from %s (%s, %.1f M parameters)", init_from, type(dit).__name__, sum(p.numel() for p in dit.parameters()) / 1e6)
-    module = task(vae=vae, text_encoder=text, dit=dit, flow=flow, optimizer=optimizer, scheduler=scheduler)
+    extra: dict[str, Any] = {}
+    if control is not None:
+        if not isinstance(dit, nn.Module):
+            dit = dit(in_channels=vae.latent_channels, text_dim=text.dim) if vae is not None else dit
+        if not isinstance(dit, nn.Module):
+            raise SoraError("control=boxes needs a VAE (vae_ckpt or init_from) to size the DiT before it gains box control")
+        control.attach(dit)
+        extra["box_control"] = control
+    module = task(vae=vae, text_encoder=text, dit=dit, flow=flow, optimizer=optimizer, scheduler=scheduler, **extra)
     if lora:
         from sora_train.models.lora import add_lora
 
         # Adapters into the DiT's block Linears; every other weight, the text encoder's too, frozen.
         settings = add_lora(module.dit, **dict(lora))
+        if control is not None:  # the box embedder is new: it trains beside the adapters
+            for p in module.dit.box_embedder.parameters():
+                p.requires_grad_(True)
         module.freeze_text_encoder()
         trainable = sum(p.numel() for p in module.dit.parameters() if p.requires_grad)
         log.info("LoRA rank %d: %.2f M trainable of %.2f M DiT parameters", settings["rank"], trainable / 1e6, sum(p.numel() for p in module.dit.parameters()) / 1e6)

@@ -45,7 +45,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from sora_train.data.shapes import AttributeReader, ShapeAttrs, ShapesWorld, default_heldout
+from sora_train.data.boxes import Boxes, BoxTrack
+from sora_train.data.shapes import MAX_HALF_EXTENT, AttributeReader, ShapeAttrs, ShapesWorld, centroid_offset, default_heldout, half_extent
 from sora_train.provenance import mark_image_file
 from sora_train.utils.errors import SoraError
 from sora_train.utils.io import atomic_write_json
@@ -69,10 +70,21 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "interpolation mid-frame error (x path)": ("interpolate.mid_error_frac", "<=", 0.10),
     "VAE reconstruction PSNR (dB)": ("vae.recon_psnr_db", ">=", 32.0),
 }
+# Box motion control (issue 19), checked when the export has it (DiT max_boxes > 0).
+CONTROL_TARGETS: dict[str, tuple[str, str, float]] = {
+    "control: mean centre error (frame widths)": ("control.centre_error", "<=", 1 / 16),
+    "control: object inside its soft box": ("control.inside_soft", ">=", 0.90),
+    "control: colour accuracy, boxes vs none (points lost)": ("control.colour_drop_points", "<=", 5.0),
+    "control: shape accuracy, boxes vs none (points lost)": ("control.shape_drop_points", "<=", 5.0),
+}
+# Requested paths of kinds no training clip follows (training: straight or 1-2 waypoints).
+TRAJECTORY_KINDS = ("curve", "zigzag", "stop_and_go")
+# How much a soft box grows beyond the object's own box, per side, as a fraction of the frame.
+SOFT_REQUEST_MARGIN = 0.08
 # PSNR of identical frames is infinite; report this instead so report.json stays valid JSON.
 PSNR_CAP_DB = 100.0
 # Independent seeded streams for the ground-truth clips of each prompting mode.
-_MODE_STREAMS = {"i2v": 11, "extend": 12, "interpolate": 13, "vae": 14, "combos": 15}
+_MODE_STREAMS = {"i2v": 11, "extend": 12, "interpolate": 13, "vae": 14, "combos": 15, "control": 16}
 
 
 @dataclass
@@ -89,6 +101,8 @@ class ShapesEvalSettings:
         batch_size: text-to-video prompts per generate call.
         fast: a quick check that everything runs (2 sampler steps, 4 combos per group, one
             clip per mode).
+        control_clips: requested trajectories per kind (curve, zig-zag, stop-and-go) when the
+            export has box control.
     """
 
     num_per_combo: int = 1
@@ -100,13 +114,15 @@ class ShapesEvalSettings:
     seed: int = 0
     batch_size: int = 32
     fast: bool = False
+    control_clips: int = 8
 
     def __post_init__(self) -> None:
         if self.fast:
             self.steps = self.steps or 2
             self.max_combos = min(self.max_combos or 4, 4)
             self.clips_per_mode = 1
-        for name in ("num_per_combo", "clips_per_mode", "batch_size"):
+            self.control_clips = 1
+        for name in ("num_per_combo", "clips_per_mode", "batch_size", "control_clips"):
             if int(getattr(self, name)) < 1:
                 raise SoraError(f"sora-eval shapes: {name}={getattr(self, name)} must be >= 1")
         if self.max_combos is not None and self.max_combos < 1:
@@ -478,7 +494,8 @@ def evaluate_vae(vae, world: ShapesWorld, num_clips: int, seed: int, codec: Code
 def check_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each target: its value in the report, the threshold, and whether it is met."""
     out = {}
-    for name, (path, op, threshold) in TARGETS.items():
+    targets = {**TARGETS, **(CONTROL_TARGETS if "control" in report else {})}
+    for name, (path, op, threshold) in targets.items():
         node: Any = report
         for key in path.split("."):
             node = node.get(key) if isinstance(node, dict) else None
@@ -542,6 +559,10 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
         "vae": vae,
         "ground_truth": gt,
     }
+    if getattr(pipe, "max_boxes", 0):
+        t = time.perf_counter()
+        report["control"] = evaluate_control(pipe, reader, world, seen, s)
+        timings["control_s"] = time.perf_counter() - t
     report["targets"] = check_targets(report)
     history = export.parent / "plots" / "loss_history.json"
     files = {"report": "report.json", "samples": "samples.png", "accuracy": "accuracy.png"}
@@ -560,6 +581,140 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
     report["files"] = files
     atomic_write_json(out / "report.json", _finite(report))
     return report
+
+
+# -- box motion control ------------------------------------------------------------------------
+def trajectory(kind: str, world: ShapesWorld, attrs: ShapeAttrs, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """A requested path of ``kind`` for an object of ``attrs`` -> (bounding-box centres (F, 2)
+    px, equal-area radius px). Its net motion follows ``attrs.direction`` (so the caption stays
+    true), and it keeps the object inside the frame:
+
+    - curve: a smooth arc across the motion axis (a half to one and a half sine periods);
+    - zigzag: three to four straight legs alternating across the axis (sharp turns);
+    - stop_and_go: moves, holds still, moves again, holds (uneven speed along a line).
+    """
+    F, H, W = world.num_frames, world.height, world.width
+    side = min(H, W)
+    lo, hi = world.small_radius if attrs.size == "small" else world.large_radius
+    radius = float(np.mean([lo, hi])) * side
+    ext = MAX_HALF_EXTENT * radius
+    horizontal = attrs.direction in ("left", "right")
+    along_len, across_len = (W, H) if horizontal else (H, W)
+    m_a, m_c = world.margin * along_len + ext, world.margin * across_len + ext
+    travel = float(np.mean(world.travel)) * along_len
+    a0 = rng.uniform(m_a, along_len - m_a - travel)
+    c_mid = across_len / 2
+    amp = min(c_mid - m_c, 0.25 * across_len)
+    t = np.linspace(0.0, 1.0, F)
+    if kind == "curve":
+        periods = rng.choice([0.5, 1.0, 1.5])
+        along = a0 + travel * t
+        across = c_mid + amp * rng.choice([-1, 1]) * np.sin(np.pi * 2 * periods * t)
+    elif kind == "zigzag":
+        legs = int(rng.integers(3, 5))
+        knots = np.linspace(0, 1, legs + 1)
+        levels = c_mid + amp * np.array([(-1) ** i for i in range(legs + 1)]) * rng.choice([-1, 1])
+        along = a0 + travel * t
+        across = np.interp(t, knots, levels)
+    elif kind == "stop_and_go":
+        # progress along the line: move 0 -> 0.5 by t1, hold to t2, move to 1 by t3, hold
+        t1, t2, t3 = 0.3, 0.5, 0.8
+        prog = np.interp(t, [0, t1, t2, t3, 1], [0, 0.5, 0.5, 1, 1])
+        along = a0 + travel * prog
+        across = np.full(F, c_mid + rng.uniform(-amp, amp))
+    else:
+        raise SoraError(f"trajectory kind {kind!r}: choose one of {list(TRAJECTORY_KINDS)}")
+    if attrs.direction in ("left", "up"):  # mirror so the net motion points the asked way
+        along = along_len - along
+    across = np.clip(across, m_c, across_len - m_c)
+    xy = np.stack([along, across], 1) if horizontal else np.stack([across, along], 1)  # (F, 2)
+    return xy, radius
+
+
+def requested_boxes(attrs: ShapeAttrs, centres: np.ndarray, radius: float, world: ShapesWorld, soft_margin: float = 0.0) -> Boxes:
+    """Per-frame boxes for a path: the object's own box (hard), or grown by ``soft_margin`` of
+    the frame per side (soft)."""
+    hx, hy = half_extent(attrs.shape, radius)
+    W, H = world.width, world.height
+    b = np.stack([(centres[:, 0] - hx) / W - soft_margin, (centres[:, 1] - hy) / H - soft_margin,
+                  (centres[:, 0] + hx) / W + soft_margin, (centres[:, 1] + hy) / H + soft_margin], 1).clip(0.0, 1.0)  # (F, 4)
+    mode = "soft" if soft_margin > 0 else "hard"
+    return Boxes((BoxTrack(0, mode, tuple(range(len(b))), tuple(tuple(float(v) for v in r) for r in b)),), len(b))  # type: ignore[arg-type]
+
+
+def control_scores(reader: AttributeReader, video: np.ndarray, attrs: ShapeAttrs, boxes: Boxes, world: ShapesWorld, centres: np.ndarray, radius: float) -> dict[str, Any]:
+    """One box-controlled sample against what was requested: per frame, the distance between
+    the reader's centroid and the requested object's centroid (the path's box centre shifted
+    to the shape's centroid), as a fraction of the frame width; and whether the object's
+    extent (measured centroid +- the shape's half extent at the measured size, 0.5 px of
+    antialiasing allowed) lies inside the requested box. Frames without an object count as
+    outside and are left out of the error (their share is ``absent``)."""
+    got = reader.read(video)
+    bx, _, _ = boxes.dense(world.num_frames)  # (1, F, 4)
+    W, H = world.width, world.height
+    box = bx[0] * np.array([W, H, W, H], np.float32)  # (F, 4) px
+    cen = np.asarray(got["centroids"], np.float64)  # (F, 2) px, nan where absent
+    present = np.isfinite(cen).all(axis=1)  # (F,)
+    hx_unit, hy_unit = half_extent(attrs.shape, 1.0)
+    dx_c, dy_c = centroid_offset(attrs.shape, 1.0)
+    want = centres + np.array([dx_c, dy_c]) * radius  # (F, 2) requested centroid
+    err = np.linalg.norm(cen - want, axis=1) / W  # (F,) nan where absent
+    areas = np.nan_to_num(np.asarray(got["areas"], np.float64)) * H * W  # (F,) px
+    r_got = np.sqrt(areas / math.pi)  # (F,)
+    cx, cy = cen[:, 0] - dx_c * r_got, cen[:, 1] - dy_c * r_got  # back to the bounding-box centre
+    tol = 0.5
+    with np.errstate(invalid="ignore"):
+        inside = present & (cx - hx_unit * r_got >= box[:, 0] - tol) & (cx + hx_unit * r_got <= box[:, 2] + tol) \
+            & (cy - hy_unit * r_got >= box[:, 1] - tol) & (cy + hy_unit * r_got <= box[:, 3] + tol)
+    return {"centre_error": _nanmean(err.tolist()), "inside": float(inside.mean()), "absent": float(1 - present.mean()),
+            "colour": got["colour"] == attrs.colour, "shape": got["shape"] == attrs.shape}
+
+
+def evaluate_control(pipe, reader: AttributeReader, world: ShapesWorld, seen: Sequence[ShapeAttrs], s: ShapesEvalSettings) -> dict[str, Any]:
+    """Box motion control on requested paths of kinds no training clip followed (curve,
+    zig-zag, stop-and-go): hard boxes -> centre error; soft boxes (the object's box grown by
+    SOFT_REQUEST_MARGIN per side) -> inside-box fraction; the same prompts and seeds without
+    boxes -> colour / shape accuracy lost to the boxes."""
+    F, H, W = world.num_frames, world.height, world.width
+    kw = dict(steps=s.steps, guidance_scale=s.guidance_scale, shift=s.shift)
+    rng = np.random.default_rng([s.seed, _MODE_STREAMS["control"]])
+    by_kind: dict[str, Any] = {}
+    all_hard, all_soft, plain_hits = [], [], []
+    for k_i, kind in enumerate(TRAJECTORY_KINDS):
+        hard_rows, soft_rows, plain_rows = [], [], []
+        for i in range(s.control_clips):
+            attrs = seen[int(rng.integers(len(seen)))]
+            centres, radius = trajectory(kind, world, attrs, rng)
+            seed = s.seed + 1000 * k_i + i
+            for margin, rows in ((0.0, hard_rows), (SOFT_REQUEST_MARGIN, soft_rows)):
+                boxes = requested_boxes(attrs, centres, radius, world, margin)
+                gen = pipe.generate([attrs.caption()], F, H, W, mode="t2v", seed=seed, boxes=boxes, **kw)
+                rows.append(control_scores(reader, _to_uint8(gen.video)[0], attrs, boxes, world, centres, radius))
+            gen = pipe.generate([attrs.caption()], F, H, W, mode="t2v", seed=seed, **kw)
+            got = reader.read(_to_uint8(gen.video)[0])
+            plain_rows.append({"colour": got["colour"] == attrs.colour, "shape": got["shape"] == attrs.shape})
+        by_kind[kind] = {"centre_error": _nanmean([r["centre_error"] for r in hard_rows]),
+                         "inside_soft": float(np.mean([r["inside"] for r in soft_rows])),
+                         "absent": float(np.mean([r["absent"] for r in hard_rows + soft_rows])), "n": len(hard_rows)}
+        all_hard += hard_rows
+        all_soft += soft_rows
+        plain_hits += plain_rows
+    with_boxes = all_hard + all_soft
+    acc_boxes = {a: float(np.mean([r[a] for r in with_boxes])) for a in ("colour", "shape")}
+    acc_plain = {a: float(np.mean([r[a] for r in plain_hits])) for a in ("colour", "shape")}
+    return {
+        "kinds": by_kind,
+        "centre_error": _nanmean([r["centre_error"] for r in all_hard]),
+        "inside_soft": float(np.mean([r["inside"] for r in all_soft])),
+        "inside_hard_box": float(np.mean([r["inside"] for r in all_hard])),
+        "absent": float(np.mean([r["absent"] for r in with_boxes])),
+        "accuracy_with_boxes": acc_boxes,
+        "accuracy_without_boxes": acc_plain,
+        "colour_drop_points": 100 * (acc_plain["colour"] - acc_boxes["colour"]),
+        "shape_drop_points": 100 * (acc_plain["shape"] - acc_boxes["shape"]),
+        "soft_margin": SOFT_REQUEST_MARGIN,
+        "n": len(all_hard),
+    }
 
 
 def _pick_rows(seen_r, seen_v, held_r, held_v, n_seen: int = 10, n_held: int = 6) -> list[tuple[str, np.ndarray]]:

@@ -240,6 +240,13 @@ class DiT(nn.Module):
         modulation: "per_block" (a D -> 6D adaLN Linear in every block, DiT) or "shared"
             (one D -> 6D Linear for all blocks plus a per-block table, adaLN-single).
         out_channels: predicted channels (default: in_channels).
+        max_boxes: object slots of box motion control (0: none, the model is unchanged).
+            The box maps (B, 2 * max_boxes, f, h, w) (``sora_train.data.boxes.rasterise_boxes``:
+            per slot, hard- and soft-box coverage of each latent cell) are cut into the same
+            spacetime patches as the latent and embedded by a small MLP whose output layer
+            starts at zero, then added to the patch tokens: a model gaining box control
+            starts out computing exactly what it did before, and a sample without boxes
+            (all-zero maps) adds nothing, so box dropout in training is "no boxes".
     """
 
     # Constructor arguments of earlier versions that exports may still record; ignored on load.
@@ -260,6 +267,7 @@ class DiT(nn.Module):
         rope_theta: float = 10000.0,
         out_channels: int | None = None,
         modulation: str = "per_block",
+        max_boxes: int = 0,
     ):
         super().__init__()
         patch_size = tuple(int(p) for p in patch_size)
@@ -272,6 +280,8 @@ class DiT(nn.Module):
             raise SoraError(f"DiT head dim hidden_size/num_heads={head_dim} must be even and >= 6 for 3D RoPE")
         if cond_channels < 0:
             raise SoraError(f"DiT cond_channels must be >= 0, got {cond_channels}")
+        if max_boxes < 0:
+            raise SoraError(f"DiT max_boxes must be >= 0, got {max_boxes}")
         if modulation not in ("per_block", "shared"):
             raise SoraError(f"DiT modulation must be 'per_block' or 'shared', got {modulation!r}")
         self.modulation = modulation
@@ -299,7 +309,28 @@ class DiT(nn.Module):
             [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, shared_modulation=shared) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, p * self.out_channels)
+        self.max_boxes = 0
+        self.box_embedder: nn.Module | None = None
         self.initialize_weights()
+        if max_boxes:
+            self.enable_boxes(max_boxes)
+
+    def enable_boxes(self, max_boxes: int) -> "DiT":
+        """Add box motion control for ``max_boxes`` objects (a base model gains it before
+        fine-tuning; see the class docstring). Idempotent for the same count."""
+        if self.max_boxes:
+            if self.max_boxes != max_boxes:
+                raise SoraError(f"DiT already has box control for {self.max_boxes} objects; cannot change it to {max_boxes}")
+            return self
+        p, D = math.prod(self.patch_size), self.hidden_size
+        ref = self.x_embedder.weight
+        self.box_embedder = nn.Sequential(nn.Linear(p * 2 * max_boxes, D), nn.SiLU(), nn.Linear(D, D)).to(ref.device, ref.dtype)
+        nn.init.xavier_uniform_(self.box_embedder[0].weight)
+        nn.init.zeros_(self.box_embedder[0].bias)
+        nn.init.zeros_(self.box_embedder[2].weight)  # zero output: gaining control changes nothing until trained
+        nn.init.zeros_(self.box_embedder[2].bias)
+        self.max_boxes = int(max_boxes)
+        return self
 
     def initialize_weights(self) -> None:
         # Every Linear starts Xavier-uniform with zero bias (DiT); the patch embedding is a
@@ -388,7 +419,7 @@ class DiT(nn.Module):
             if cond_mask.shape != (B, f):
                 raise SoraError(f"DiT cond_mask must be (B, f)=({B}, {f}), got {tuple(cond_mask.shape)}")
 
-    def forward(self, x, t, text, text_mask, cond_mask=None) -> torch.Tensor:
+    def forward(self, x, t, text, text_mask, cond_mask=None, box_maps=None) -> torch.Tensor:
         """Predict the flow velocity.
 
         Args:
@@ -398,6 +429,7 @@ class DiT(nn.Module):
             text_mask: (B, L) bool, True = real token; every row should have one (a row with
                 none attends to all L positions rather than producing NaNs).
             cond_mask: (B, f) bool, True = latent frame given clean as context; None = none.
+            box_maps: (B, 2 * max_boxes, f, h, w) rasterised boxes; None or all-zero rows = none.
         Returns:
             (B, C_out, f, h, w) predicted velocity.
         """
@@ -409,6 +441,8 @@ class DiT(nn.Module):
             x = torch.cat([x, cond], dim=1)  # (B, C + cc, f, h, w)
         x, grid = self.patchify(x)  # (B, N, p*(C + cc))
         x = self.x_embedder(x)  # (B, N, D)
+        if box_maps is not None:
+            x = x + self._box_tokens(box_maps, x.shape[:2])  # (B, N, D)
         rope = rope_angles(grid_positions(grid, x.device), self.head_dim, self.rope_theta)  # 2 x (N, Dh/2)
 
         has_text = text_mask.any(dim=1, keepdim=True)  # (B, 1)
@@ -424,6 +458,18 @@ class DiT(nn.Module):
             x = block(x, block_c, context, attn_mask, rope)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*C_out)
         return self.unpatchify(x, grid)  # (B, C_out, f, h, w)
+
+    def _box_tokens(self, box_maps: torch.Tensor, tokens: tuple[int, int]) -> torch.Tensor:
+        """(B, 2M, f, h, w) box maps -> (B, N, D) tokens to add; zero for a sample without boxes."""
+        if self.box_embedder is None:
+            raise SoraError("DiT got box_maps but has no box control (built with max_boxes=0)")
+        if box_maps.shape[:2] != (tokens[0], 2 * self.max_boxes):
+            raise SoraError(f"DiT box_maps must be (B, 2 * max_boxes, f, h, w) = ({tokens[0]}, {2 * self.max_boxes}, ...), got {tuple(box_maps.shape)}")
+        patches, _ = self.patchify(box_maps.to(self.x_embedder.weight.dtype))  # (B, N, p*2M)
+        if patches.shape[1] != tokens[1]:
+            raise SoraError(f"DiT box_maps {tuple(box_maps.shape)} give {patches.shape[1]} tokens, the latent {tokens[1]}: rasterise them on the latent's (f, h, w)")
+        present = box_maps.flatten(1).ne(0).any(dim=1).to(patches.dtype)  # (B,)
+        return self.box_embedder(patches) * present[:, None, None]  # (B, N, D)
 
     # ---- accounting ---------------------------------------------------------------------
 
