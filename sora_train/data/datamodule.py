@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from sora_train.data.buckets import BucketTable
-from sora_train.data.dataset import ShardVideoDataset, expand_shards
+from sora_train.data.dataset import ShardVideoDataset, data_parallel_info, expand_shards, first_index
 from sora_train.data.shards import read_index
 from sora_train.data.transforms import video_to_float
 from sora_train.utils.errors import SoraError
@@ -94,6 +94,9 @@ class VideoDataModule(pl.LightningDataModule):
         # worker -> next undelivered global batch index (consumed position, for resume)
         self.next_index: dict[int, int] = {}
         self.skipped_by_worker: dict[int, int] = {}
+        # The stream's layout after a resume on another number of ranks or workers (None: the
+        # run's own, from batch 0); see ShardVideoDataset.consumed_before.
+        self.layout: dict[str, Any] | None = None
 
     def make_buckets(self) -> BucketTable:
         table = BucketTable(self.bucket_cfg, self.tokens_per_batch, self.image_ratio, self.bucket_weights)
@@ -129,6 +132,7 @@ class VideoDataModule(pl.LightningDataModule):
             if self.val_spec is not None:
                 self.val_set = self.make_dataset(self.val_spec, buckets, train=False)
         self.train_set.resume_next_index = dict(self.next_index)
+        self.train_set.layout = self.layout
 
     def _loader(self, ds: ShardVideoDataset) -> DataLoader:
         return DataLoader(
@@ -143,6 +147,7 @@ class VideoDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
         self.train_set.resume_next_index = dict(self.next_index)
+        self.train_set.layout = self.layout
         return self._loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -166,25 +171,38 @@ class VideoDataModule(pl.LightningDataModule):
         return sum(self.skipped_by_worker.values())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_index": {str(k): v for k, v in self.next_index.items()}, "num_workers": self.num_workers}
+        # world: the data-parallel rank count, so that a resume on another one can map the position.
+        return {"next_index": {str(k): v for k, v in self.next_index.items()}, "num_workers": self.num_workers,
+                "world": data_parallel_info()[1], "layout": self.layout}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Same ranks and workers: each worker continues its own stream exactly. Another number
+        of data-parallel ranks or of workers (elastic resume): the global batch index goes on
+        from the first batch not delivered, and the samples of the pass in progress that no
+        rank consumed yet are split over the new ranks and workers: none is seen twice or
+        skipped (ShardVideoDataset.consumed_before)."""
         saved = {int(k): int(v) for k, v in state.get("next_index", {}).items()}
-        if int(state.get("num_workers", self.num_workers)) != self.num_workers and saved:
-            # Different worker count: restart after the furthest delivered batch of any worker.
-            # Exact only with the same worker count; say so instead of silently repeating data.
+        world = data_parallel_info()[1]
+        saved_world = int(state.get("world", world))  # checkpoints from before elastic resume: taken as this one
+        saved_workers = max(1, int(state.get("num_workers", self.num_workers)))
+        layout = state.get("layout")
+        if saved and (saved_world != world or saved_workers != max(1, self.num_workers)):
+            start = min(saved.values())  # every batch before it was delivered, none after it
+            origin = layout or {"world": saved_world, "num_workers": saved_workers, "start": 0, "origin": None}
+            layout = {"world": world, "num_workers": max(1, self.num_workers), "start": start, "origin": origin}
             from sora_train.utils.logging import get_logger
 
             get_logger(__name__).warning(
-                "resuming with data.num_workers=%d but the checkpoint used %s: data position is approximate",
-                self.num_workers, state.get("num_workers"),
+                "data position: saved with %d rank(s) x %d worker(s), resumed with %d x %d; going on from global batch %d "
+                "with the samples of the current pass no rank has consumed yet", saved_world, saved_workers, world,
+                max(1, self.num_workers), start,
             )
-            furthest = max(saved.values())
-            w = max(1, self.num_workers)
-            saved = {i: furthest + ((i - furthest) % w) for i in range(w)}
+            saved = {w: first_index(start, w, self.num_workers) for w in range(max(1, self.num_workers))}
         self.next_index = saved
+        self.layout = layout
         if self.train_set is not None:
             self.train_set.resume_next_index = dict(saved)
+            self.train_set.layout = layout
 
 
 __all__ = ["VideoDataModule", "expand_shards"]

@@ -96,6 +96,8 @@ class PendingSample:
     media_ext: str  # the member to decode
     media: Any  # its bytes (latent sets: every tensor member by name)
     bucket: Bucket
+    epoch: int = 0  # the pass over the data it was read in, and its shard: with the key, its identity
+    url: str = ""
 
 
 @dataclass
@@ -133,6 +135,17 @@ def _dist_info() -> tuple[int, int]:
     sp = max(1, int(os.environ.get(SP_ENV, "1")))
     return rank // sp, max(1, world // sp)
 
+
+
+def data_parallel_info() -> tuple[int, int]:
+    """(rank, world size) the loader splits data by: the data-parallel ones."""
+    return _dist_info()
+
+
+def first_index(start: int, worker: int, num_workers: int) -> int:
+    """The first global batch index >= ``start`` that DataLoader worker ``worker`` delivers
+    (batch j comes from worker j mod num_workers)."""
+    return start + (worker - start) % max(1, num_workers)
 
 
 def _stack_for_queue(frames: list[torch.Tensor]) -> torch.Tensor:
@@ -198,6 +211,8 @@ class ShardVideoDataset(IterableDataset):
         # Resume point, set from the checkpoint before the DataLoader starts its workers:
         # worker -> the first global batch index it has not delivered yet.
         self.resume_next_index: dict[int, int] = {}
+        # The stream's layout after an elastic resume (see consumed_before); None: from batch 0.
+        self.layout: dict[str, Any] | None = None
 
     # -- sample stream -------------------------------------------------------------------------
     def _consumer(self) -> WorkerState:
@@ -211,34 +226,39 @@ class ShardVideoDataset(IterableDataset):
             w = (w + min(self.resume_next_index.values())) % n
         return WorkerState(rank=rank, world=world, worker=w, num_workers=n)
 
-    def _epoch_samples(self, st: WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
+    def _epoch_samples(self, st: WorkerState, epoch: int, exclude: set[tuple[str, str]] | None = None) -> Iterator[dict[str, Any]]:
+        """This consumer's share of pass ``epoch``. ``exclude``: (url, key) of samples already
+        consumed in this pass (elastic resume): the rest is split by sample."""
         consumers = st.world * st.num_workers
         me = st.rank * st.num_workers + st.worker
         urls = list(self.urls)
         if self.train:
             np.random.default_rng([self.seed, epoch, 0xC0FFEE]).shuffle(urls)
-        by_shard = len(urls) >= consumers
+        by_shard = len(urls) >= consumers and exclude is None
         mine = urls[me::consumers] if by_shard else urls
         counter = 0
         for url in mine:
             try:
                 for sample in iter_tar_samples(url, self.allowed_exts):
+                    if exclude is not None and (url, sample["__key__"]) in exclude:
+                        continue
                     if not by_shard:
                         counter += 1
                         if (counter - 1) % consumers != me:
                             continue
+                    sample["__url__"], sample["__epoch__"] = url, epoch
                     yield sample
             except UnreadableShard as e:
                 self._count_skip(st, "unreadable_shard")
                 log.warning("skipping the rest of it: %s", e)
 
-    def _shuffled(self, st: WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
+    def _shuffled(self, st: WorkerState, epoch: int, exclude: set[tuple[str, str]] | None = None) -> Iterator[dict[str, Any]]:
         if not self.train:
             yield from self._epoch_samples(st, epoch)
             return
         rng = np.random.default_rng([self.seed, epoch, st.rank, st.worker, 0xB0FF])
         buf: list[dict[str, Any]] = []
-        for sample in self._epoch_samples(st, epoch):
+        for sample in self._epoch_samples(st, epoch, exclude):
             if len(buf) < self.shuffle_buffer:
                 buf.append(sample)
                 continue
@@ -278,10 +298,12 @@ class ShardVideoDataset(IterableDataset):
 
     def _to_pending(self, st: WorkerState, sample: dict[str, Any]) -> PendingSample | None:
         try:
-            return self.pending(sample)
+            item = self.pending(sample)
         except SkipSample as e:
             self._count_skip(st, e.reason)
             return None
+        item.epoch, item.url = int(sample.get("__epoch__", 0)), str(sample.get("__url__", ""))
+        return item
 
     # -- batches -------------------------------------------------------------------------------
     def _choose_caption(self, meta: dict[str, Any], rng: np.random.Generator) -> str:
@@ -376,11 +398,24 @@ class ShardVideoDataset(IterableDataset):
         if not self.train:
             yield from self._iter_eval(st)
             return
+        layout = self.layout
+        if layout is None:
+            first, stream = st.worker, self._forever(st)  # global batch indices of this worker: worker, worker + N, ...
+        else:
+            first = first_index(layout["start"], st.worker, st.num_workers)
+            stream = self._elastic_forever(st, *self.consumed_before(layout))
+        start = self.resume_next_index.get(st.worker, first)
+        for index, bucket, batch_items in self._batches(st, stream, first):
+            if index >= start:  # earlier ones are replayed from metadata only, never decoded
+                batch = self._emit(st, index, bucket, batch_items)
+                if batch is not None:
+                    yield batch
+
+    def _batches(self, st: WorkerState, stream: Iterator[dict[str, Any]], index: int) -> Iterator[tuple[int, Bucket, list[PendingSample]]]:
+        """(global batch index, bucket, its samples) of one consumer, from ``index`` on, in steps
+        of the worker count: bucket assignment from metadata alone, nothing decoded."""
         pools: dict[str, list[PendingSample]] = {b.name: [] for b in self.buckets.buckets}
         video_pool_for_images: list[PendingSample] = []
-        stream = self._forever(st)
-        index = st.worker  # global batch indices of this worker: worker, worker + N, ...
-        start = self.resume_next_index.get(st.worker, st.worker)
         while True:
             bucket = self.buckets.schedule(self.seed, 0, index)
             pool = pools[bucket.name]
@@ -389,7 +424,7 @@ class ShardVideoDataset(IterableDataset):
                     # any video can feed an image bucket with one of its frames
                     v = video_pool_for_images.pop(0)
                     pools[v.bucket.name].remove(v)
-                    pool.append(PendingSample(v.key, v.meta, v.media_ext, v.media, bucket))
+                    pool.append(PendingSample(v.key, v.meta, v.media_ext, v.media, bucket, v.epoch, v.url))
                     continue
                 item = self._to_pending(st, next(stream))
                 if item is None:
@@ -406,11 +441,65 @@ class ShardVideoDataset(IterableDataset):
             for it in batch_items:
                 if it in video_pool_for_images:
                     video_pool_for_images.remove(it)
-            if index >= start:
-                batch = self._emit(st, index, bucket, batch_items)
-                if batch is not None:
-                    yield batch
+            yield index, bucket, batch_items
             index += st.num_workers
+
+    # -- elastic resume ----------------------------------------------------------------------
+    # A run resumed with another number of data-parallel ranks (or DataLoader workers) cannot
+    # replay its own stream: the split of samples over consumers changed. Its stream is a new
+    # *layout* {world, num_workers, start, origin}: batches from global index ``start`` on, by
+    # ``world`` x ``num_workers`` consumers, continuing the run ``origin`` (the layout that
+    # delivered the batches before ``start``; None for a run that started from nothing). Each
+    # consumer replays every consumer of the origin up to ``start`` from metadata (tars are read,
+    # nothing is decoded) to know which samples of each pass were consumed; the passes still in
+    # progress are then finished with exactly the samples not consumed yet, split by sample over
+    # the new consumers, and later passes are split as usual.
+    def consumed_before(self, layout: dict[str, Any]) -> tuple[dict[int, set[tuple[str, str]]], int]:
+        """-> ({pass: {(url, key)} consumed before ``layout["start"]``}, the first pass still in
+        progress then). Samples of earlier passes that waited in a bucket pool are not served again."""
+        cache = getattr(self, "_consumed_cache", None)
+        ident = repr(layout)
+        if cache is not None and cache[0] == ident:
+            return cache[1]
+        origin, until = layout.get("origin"), int(layout["start"])
+        consumed: dict[int, set[tuple[str, str]]] = {}
+        first_open = 0
+        if origin is not None:
+            inherited, inherited_open = self.consumed_before(origin) if origin.get("origin") is not None else ({}, 0)
+            for e, keys in inherited.items():
+                consumed.setdefault(e, set()).update(keys)
+            last_pass: list[int] = []
+            world, workers = int(origin["world"]), int(origin["num_workers"])
+            for rank in range(world):
+                for worker in range(workers):
+                    st = WorkerState(rank=rank, world=world, worker=worker, num_workers=workers)
+                    first = first_index(int(origin.get("start", 0)), worker, workers)
+                    stream = self._forever(st) if origin.get("origin") is None else self._elastic_forever(st, inherited, inherited_open)
+                    newest = -1
+                    for index, _, items in self._batches(st, stream, first):
+                        if index >= until:
+                            break
+                        for it in items:
+                            consumed.setdefault(it.epoch, set()).add((it.url, it.key))
+                            newest = max(newest, it.epoch)
+                    if newest >= 0:
+                        last_pass.append(newest)
+            first_open = min(last_pass) if last_pass else inherited_open
+        self._consumed_cache = (ident, (consumed, first_open))
+        return consumed, first_open
+
+    def _elastic_forever(self, st: WorkerState, consumed: dict[int, set[tuple[str, str]]], first_open: int) -> Iterator[dict[str, Any]]:
+        for epoch in range(first_open, 1_000_000):  # bounded: a run ends by max_steps long before this
+            exclude = consumed.get(epoch)
+            if exclude is not None:
+                yield from self._shuffled(st, epoch, exclude)  # the rest of a pass in progress; may be empty here
+                continue
+            empty = True
+            for sample in self._shuffled(st, epoch):
+                empty = False
+                yield sample
+            if empty:
+                raise SoraError(f"no samples for rank {st.rank} worker {st.worker} in shards {self.urls[:3]}...")
 
     def _forever(self, st: WorkerState) -> Iterator[dict[str, Any]]:
         for epoch in range(1_000_000):  # bounded: a run ends by max_steps long before this
