@@ -44,6 +44,7 @@ def train(cfg: DictConfig) -> float | None:
     # Here, not at the top: main() must install the time-limit signal handler before torch loads.
     from sora_train.cli.build import build_callbacks, build_loggers, build_module, export_checkpoint, export_run, instantiate, is_vae_config, record_run_paths
     from sora_train.training.callbacks.checkpoint import find_resume_checkpoint
+    from sora_train.training.elastic import prepare_resume
 
     # The VAE task optimises manually; a checkpoint at step N holds the state after step N's
     # update, which is what resuming at N + 1 needs. Lightning's 20-line advice is noise here.
@@ -66,6 +67,7 @@ def train(cfg: DictConfig) -> float | None:
         trainer_kwargs["gradient_clip_val"] = None  # manual optimisation clips in the module
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, strategy=strategy, **trainer_kwargs)
     ckpt = find_resume_checkpoint(cfg.get("resume"), run_dir)
+    ckpt = prepare_resume(ckpt, trainer)  # another world size: a ZeRO checkpoint goes through its universal copy
     if ckpt:
         log.info("resuming from %s", ckpt)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

@@ -195,6 +195,12 @@ def _deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def deepspeed_safe_globals() -> list[Any]:
+    """The classes ``torch.load(weights_only=True)`` must allow to read DeepSpeed's checkpoint
+    shards (plain data classes only); for other readers of shards (training/elastic.py)."""
+    return _deepspeed_safe_globals()
+
+
 def _safe_load(path: Path, deepspeed_shard: bool = False) -> Any:
     """``torch.load(weights_only=True)`` that explains a refusal instead of unpickling.
 

@@ -1,0 +1,200 @@
+"""Elastic resume: continue a run on a different number of ranks than the one that saved it.
+
+    sora-train experiment=pretrain_1B strategy=deepspeed_stage_2 trainer.devices=4 resume=auto   # saved on 8
+
+What changes with the world size, and what happens to each:
+
+- **ZeRO weights and optimizer state** are partitioned by rank: a ZeRO-1/2/3 checkpoint
+  (``step=N.ckpt/``, one optimizer shard per rank) is converted once by DeepSpeed's own
+  ``ds_to_universal`` into a sibling folder ``step=N.ckpt.universal/`` (written under
+  ``.partial``, renamed when complete; a later resume reuses it), and loaded with DeepSpeed's
+  ``checkpoint.load_universal``. Every shard is read with ``torch.load(weights_only=True)``
+  (DeepSpeed's plain data classes allowed by name), as ``sora-export`` reads them.
+- **DDP checkpoints** hold full weights and optimizer state: nothing to convert.
+- **Data position**: ``VideoDataModule`` maps it (``data/dataset.py``, "Elastic resume"): no
+  sample of the interrupted epoch is seen twice or skipped.
+- **Random state**: per rank; with another rank count the ranks are reseeded
+  (``callbacks/rng.py`` warns), so draws after the resume differ from an uninterrupted run.
+
+Same world size: nothing here runs; the checkpoint is loaded as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from sora_train.utils.errors import SoraError
+from sora_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+UNIVERSAL_SUFFIX = ".universal"  # not ".ckpt": resume=auto never picks the converted copy itself
+_LOCK_SUFFIX = ".lock"
+# Another process converts: how long to wait for it (a 1B-parameter checkpoint takes minutes).
+CONVERT_WAIT_S = 3600.0
+
+
+def zero_world_size(ckpt: str | os.PathLike) -> int | None:
+    """The data-parallel world size a DeepSpeed ZeRO checkpoint directory was saved with (one
+    optimizer shard per rank), or None when ``ckpt`` is not one."""
+    shards = _zero_tag_dir(Path(ckpt))
+    if shards is None:
+        return None
+    optim = list(shards.glob("*_optim_states.pt"))
+    if not optim:
+        raise SoraError(
+            f"resume={ckpt}: {shards} has no *_optim_states.pt shards (saved without optimizer state?): a ZeRO "
+            "checkpoint cannot be resumed on another number of ranks without them; resume on the same number of ranks"
+        )
+    return len(optim)
+
+
+def _zero_tag_dir(path: Path) -> Path | None:
+    latest = path / "latest"
+    if not (path.is_dir() and latest.is_file()):
+        return None
+    tag = path / latest.read_text().strip()
+    return tag if tag.is_dir() else None
+
+
+def universal_checkpoint(ckpt: str | os.PathLike, wait_s: float = CONVERT_WAIT_S) -> Path:
+    """A DeepSpeed universal checkpoint of the ZeRO checkpoint ``ckpt``: the sibling
+    ``<ckpt>.universal/`` (Lightning's layout: ``latest``, ``latest_universal``, the tag folder).
+
+    Converted once: the first process to take ``<ckpt>.universal.lock`` (an ``mkdir``, atomic on
+    shared filesystems too) converts into ``.partial`` and renames it; every other process waits
+    for the rename, up to ``wait_s`` seconds.
+
+    Raises:
+        SoraError: not a ZeRO checkpoint, deepspeed missing, the conversion failed, or another
+            process held the lock for longer than ``wait_s``.
+    """
+    src = Path(ckpt)
+    tag_dir = _zero_tag_dir(src)
+    if tag_dir is None:
+        raise SoraError(f"resume={src}: not a DeepSpeed ZeRO checkpoint directory (no 'latest' naming a tag folder)")
+    out = src.with_name(src.name + UNIVERSAL_SUFFIX)
+    lock = src.with_name(out.name + _LOCK_SUFFIX)
+    deadline = time.monotonic() + wait_s
+    while not out.is_dir():
+        try:
+            lock.mkdir()
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                owner = (lock / "owner").read_text().strip() if (lock / "owner").is_file() else "unknown"
+                raise SoraError(
+                    f"resume={src}: waited {wait_s:.0f}s for another process ({owner}) converting it to {out}; "
+                    f"if that process is gone, delete {lock} and resume again"
+                ) from None
+            time.sleep(1.0)
+            continue
+        try:
+            (lock / "owner").write_text(f"{socket.gethostname()} pid {os.getpid()}\n")
+            if not out.is_dir():  # converted while we waited for the lock
+                _convert(src, tag_dir, out)
+        finally:
+            shutil.rmtree(lock, ignore_errors=True)
+    return out
+
+
+def _convert(src: Path, tag_dir: Path, out: Path) -> None:
+    try:
+        from deepspeed.checkpoint import ds_to_universal
+    except ImportError as e:
+        raise SoraError(f"resume={src}: converting a ZeRO checkpoint to another world size needs deepspeed (pip install deepspeed)") from e
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    args = argparse.Namespace(
+        input_folder=str(tag_dir), output_folder=str(partial / tag_dir.name), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True,
+        inject_missing_state=True,  # our checkpoints carry no tensor-parallel merge patterns: none are needed
+    )
+    t0 = time.monotonic()
+    log.info("converting %s to a DeepSpeed universal checkpoint in %s (once; the world size changed)", src, out)
+    try:
+        with _weights_only_loads(), contextlib.redirect_stdout(None):
+            ds_to_universal.main(args)
+    except SoraError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except Exception as e:  # DeepSpeed's asserts and file errors: one line naming the checkpoint
+        shutil.rmtree(partial, ignore_errors=True)
+        raise SoraError(f"resume={src}: DeepSpeed's ds_to_universal could not convert it ({type(e).__name__}: {e})") from e
+    # ds_to_universal names the tag in <output_folder>/../latest_universal; Lightning checks for 'latest'.
+    (partial / "latest").write_text(tag_dir.name)
+    os.replace(partial, out)
+    log.info("universal checkpoint written in %.1fs: %s", time.monotonic() - t0, out)
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """ds_to_universal reads every shard with ``torch.load(weights_only=False)``; here each of
+    those reads is weights-only, with DeepSpeed's plain data classes allowed by name."""
+    from unittest import mock
+
+    from sora_train.parallel.consolidate import deepspeed_safe_globals
+
+    real_load = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            try:
+                return real_load(f, *args, **kwargs)
+            except Exception as e:
+                if "weights_only" in str(e) or "Unsupported global" in str(e):
+                    raise SoraError(f"{f}: holds pickled Python objects; it is only read with torch.load(weights_only=True)") from None
+                raise
+
+    with mock.patch.object(torch, "load", load):
+        yield
+
+
+def prepare_resume(ckpt: str | None, trainer: Any) -> str | None:
+    """The checkpoint to hand ``Trainer.fit(ckpt_path=...)``: ``ckpt`` itself, or - for a ZeRO
+    checkpoint saved on another number of ranks than ``trainer`` has - its universal conversion,
+    with the strategy's DeepSpeed config set to load it (``checkpoint.load_universal``). Called
+    on every rank before ``fit``. A DDP checkpoint is returned as it is (full state)."""
+    if not ckpt:
+        return ckpt
+    remove_orphaned_conversions(Path(ckpt).parent)
+    saved = zero_world_size(ckpt)
+    if saved is None:
+        return ckpt
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, DeepSpeedStrategy) or not isinstance(getattr(strategy, "config", None), dict):
+        raise SoraError(
+            f"resume={ckpt} is a DeepSpeed ZeRO checkpoint (saved on {saved} ranks) but strategy is "
+            f"{type(strategy).__name__}; resume it with strategy=deepspeed_stage_N, or start from its weights with "
+            f"sora-export and init_from"
+        )
+    if "zero_optimization" not in strategy.config:
+        raise SoraError(f"resume={ckpt} is a ZeRO checkpoint but the DeepSpeed config has no zero_optimization")
+    world = int(trainer.world_size)
+    if saved == world:
+        return ckpt
+    log.warning("resume=%s was saved on %d ranks and this run has %d: elastic resume through a universal checkpoint", ckpt, saved, world)
+    out = universal_checkpoint(ckpt)
+    strategy.config.setdefault("checkpoint", {})["load_universal"] = True
+    return str(out)
+
+
+def remove_orphaned_conversions(ckpt_dir: str | os.PathLike) -> None:
+    """Delete universal copies whose checkpoint the checkpoint policy has since removed (keep_last):
+    only a resume from that checkpoint would read them."""
+    for conv in Path(ckpt_dir).glob(f"*.ckpt{UNIVERSAL_SUFFIX}"):
+        if not conv.with_name(conv.name[: -len(UNIVERSAL_SUFFIX)]).exists():
+            log.info("removing %s: its checkpoint is gone", conv)
+            shutil.rmtree(conv, ignore_errors=True)
