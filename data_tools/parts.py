@@ -51,6 +51,7 @@ from sora_train.utils.io import atomic_write_json, atomic_write_text
 log = get_logger(__name__)
 
 PARTS_DIR = "parts"
+PARTS_ENV = "SORA_DATA_PARTS"  # N, when the array's task ids are part numbers but not one range 0..N-1
 PART_RECORD = "part.json"
 PLAN_NAME = ".merge-plan.json"
 _PART_RE = re.compile(r"^part-(\d+)-of-(\d+)$")
@@ -114,15 +115,24 @@ def parse_part(text: str) -> Part:
 
 def resolve_part(arg: str | None, env: Mapping[str, str] | None = None) -> Part | None:
     """The part this process works on: ``--part K/N``; else, in a Slurm array task, the task's
-    place in the array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT);
-    else None (the whole job)."""
+    place in the array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT),
+    or with SORA_DATA_PARTS=N set, part SLURM_ARRAY_TASK_ID of N (to redo some parts:
+    ``--array=3,17``); else None (the whole job)."""
     if arg is not None:
         return parse_part(arg)
     env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" not in env:
         return None
-    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_COUNT")
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_COUNT", PARTS_ENV)
     seen = " ".join(f"{n}={env.get(n)}" for n in names if n in env)
+    if env.get(PARTS_ENV):
+        try:
+            part = Part(int(env["SLURM_ARRAY_TASK_ID"]), int(env[PARTS_ENV]), origin=seen)
+        except ValueError:
+            raise SoraError(f"{PARTS_ENV} must be the number of parts ({seen})") from None
+        if not 0 <= part.index < part.count:
+            raise SoraError(f"SLURM_ARRAY_TASK_ID must be in 0..{part.count - 1} with {PARTS_ENV}={part.count} ({seen})")
+        return part
     try:
         task = int(env["SLURM_ARRAY_TASK_ID"])
         lo = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
@@ -131,7 +141,7 @@ def resolve_part(arg: str | None, env: Mapping[str, str] | None = None) -> Part 
     except (KeyError, ValueError):
         raise SoraError(f"a Slurm array task without a usable SLURM_ARRAY_TASK_COUNT ({seen}): give --part K/N") from None
     if hi - lo + 1 != count or not lo <= task <= hi:
-        raise SoraError(f"the Slurm array is not one range of task ids ({seen}): submit --array=0-{count - 1} (a throttle %M is fine), or give --part K/N")
+        raise SoraError(f"the Slurm array is not one range of task ids ({seen}): submit --array=0-{count - 1} (a throttle %M is fine), set {PARTS_ENV}=N (the task id is the part), or give --part K/N")
     return Part(task - lo, count, origin=f"SLURM_ARRAY_TASK_ID={task}")
 
 

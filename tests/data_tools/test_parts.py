@@ -62,8 +62,12 @@ def test_part_parsing_and_the_split():
     assert resolve_part(None, env) == Part(1, 3, origin="SLURM_ARRAY_TASK_ID=5")
     assert resolve_part("0/2", env) == Part(0, 2)  # --part wins
     assert resolve_part(None, {}) is None
-    with pytest.raises(SoraError, match="not one range"):  # --array=0,4 or a step
+    with pytest.raises(SoraError, match="not one range"):  # --array=4,8 or a step
         resolve_part(None, {**env, "SLURM_ARRAY_TASK_MAX": "8"})
+    # redoing parts 5 and 17 of 32: --array=5,17 with SORA_DATA_PARTS=32
+    assert resolve_part(None, {**env, "SLURM_ARRAY_TASK_MAX": "17", "SORA_DATA_PARTS": "32"}).label == "5/32"
+    with pytest.raises(SoraError, match="must be in 0..3 with SORA_DATA_PARTS=4"):
+        resolve_part(None, {**env, "SORA_DATA_PARTS": "4"})
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,92 @@
+"""Data preparation as a Slurm array job, on the local two-node cluster (conftest.py):
+launch/sbatch/data_array.sbatch runs `sora-data ingest` as an array of 3 tasks (each task's
+part from SLURM_ARRAY_TASK_ID / _COUNT), a job submitted with --dependency=afterok on the
+array merges the parts, and the merged shard set is the one a single `sora-data ingest` writes:
+same samples in the same order, same bytes and json, same index counts, same rejects.
+
+The --part mechanics for recaption and cache-latents, and the one-line errors, are tested
+without Slurm in tests/data_tools/test_parts.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from slurm_cluster import REPO
+
+pytestmark = pytest.mark.slurm
+
+TEMPLATE = REPO / "launch" / "sbatch" / "data_array.sbatch"
+INGEST = ["--max-clip-seconds", "2", "--min-clip-seconds", "0.5", "--min-frames", "4", "--shard-size", "2"]
+NOT_COMPARED = {"created", "shards", "runs", "merged_from"}  # shard boundaries, one run per part, the merge record
+
+
+def frames(n: int, seed: int, h: int = 32, w: int = 48) -> np.ndarray:
+    """(n, h, w, 3) uint8: a bright square moving right over noise."""
+    rng = np.random.default_rng(seed)
+    f = rng.integers(0, 60, (n, h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        f[i, 8:16, (2 * i) % (w - 8) : (2 * i) % (w - 8) + 8] = (250, 240, 40)
+    return f
+
+
+def make_footage(root: Path) -> Path:
+    """Seven tiny inputs: five videos (one of 4.5 s, cut into 3 clips and re-encoded), an image,
+    and one empty file that is rejected."""
+    from sora_train.data.video_io import encode_image, encode_video
+
+    root.mkdir()
+    for i, n in enumerate((12, 45, 15, 10, 12)):
+        (root / f"v{i}.mp4").write_bytes(encode_video(frames(n, seed=i), 10, "mp4"))
+        (root / f"v{i}.txt").write_text(f"a yellow square, clip {i}")
+    (root / "still.png").write_bytes(encode_image(frames(1, seed=9)[0], "png"))
+    (root / "still.txt").write_text("a still")
+    (root / "zero.mp4").write_bytes(b"")
+    (root / "zero.txt").write_text("nothing")
+    return root
+
+
+def read_set(out: Path) -> list[tuple[str, dict[str, bytes], dict]]:
+    from sora_train.data.shards import iter_samples, shard_paths
+
+    return [(s["__key__"], {k: v for k, v in s.items() if k not in ("__key__", "json")}, json.loads(s["json"]))
+            for p in shard_paths(out) for s in iter_samples(p)]
+
+
+def test_ingest_as_an_array_of_3_tasks_then_a_dependent_merge(slurm_cluster, tmp_path):
+    from sora_train.data.shards import read_index
+    from sora_train.data_tools.cli import main
+
+    footage = make_footage(tmp_path / "footage")
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert main(["ingest", str(footage), "--out", str(whole), *INGEST, "--workers", "0"]) == 0  # the one-machine run
+
+    array = slurm_cluster.sbatch(
+        "--array=0-2", "--cpus-per-task=1", "--time=5", f"--chdir={tmp_path}",
+        str(TEMPLATE), "ingest", str(footage), "--out", str(out), *INGEST,
+    )  # fmt: skip
+    merge = slurm_cluster.sbatch(
+        f"--dependency=afterok:{array}", "--cpus-per-task=1", "--time=5", f"--chdir={tmp_path}",
+        "--output=sora-data-merge-%j.out", str(TEMPLATE), "merge", str(out),
+    )  # fmt: skip
+    info = slurm_cluster.wait(merge, timeout=240)
+    logs = {p.name: p.read_text(errors="replace") for p in sorted(tmp_path.glob("sora-data-*.out"))}
+    shown = "\n".join(f"----- {k}\n{v[-3000:]}" for k, v in logs.items())
+    assert info["JobState"] == "COMPLETED", f"{info}\n{shown}\n{slurm_cluster.logs()}"
+    for k in range(3):  # each task found its part in the Slurm environment
+        log = logs[f"sora-data-{array}_{k}.out"]
+        assert f"array {array} task {k} of 3" in log, shown
+        assert json.loads((out / "parts" / f"part-{k}-of-3" / "part.json").read_text())["units"]["total"] == 7
+    assert "merge ->" in logs[f"sora-data-merge-{merge}.out"], shown
+
+    a, b = read_set(out), read_set(whole)
+    assert [s[0] for s in a] == [s[0] for s in b] and len(a) == 8  # 4 one-clip videos + 3 clips + 1 image
+    assert a == b
+    ia, ib = read_index(out), read_index(whole)
+    assert {k: v for k, v in ia.items() if k not in NOT_COMPARED} == {k: v for k, v in ib.items() if k not in NOT_COMPARED}
+    assert [r["part"] for r in ia["runs"]] == ["0/3", "1/3", "2/3"] and ia["merged_from"]["parts"] == 3
+    assert (out / "rejects.jsonl").read_text() == (whole / "rejects.jsonl").read_text()
+    assert ia["rejects_by_reason"] == {"empty_file": 1}
