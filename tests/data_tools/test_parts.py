@@ -6,6 +6,7 @@ The same ingest as a real Slurm array: tests/launch/test_slurm_array.py."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -102,6 +103,9 @@ def test_ingest_in_parts_equals_one_run_and_bad_parts_are_one_line(footage, tmp_
     assert main(["merge", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "already done" in printed and "already merged" in printed and (out / "index.json").read_bytes() == before
+    # the merged set is an ordinary resumable set: one run into it finds everything done
+    assert main(["ingest", str(footage), "--out", str(out), *INGEST]) == 0
+    assert read_index(out)["runs"][-1]["skipped"] == 5 and read_index(out)["num_samples"] == read_index(whole)["num_samples"]
 
     def error(argv: list[str]) -> str:
         assert main(argv) == 2
@@ -152,15 +156,32 @@ def test_same_bytes_in_two_parts_is_named_by_the_merge(corpus, tmp_path, capsys)
     assert "is in part 0/2" in err and "and in part 1/2" in err and "\n" not in err
 
 
-def test_recaption_in_parts_equals_one_run(tmp_path):
+def test_recaption_in_parts_equals_one_run_and_a_killed_merge_finishes(tmp_path, monkeypatch):
     from sora_train.data.shapes import ShapesWorld, generate_shards
+    from sora_train.data_tools import parts
 
     generate_shards(tmp_path / "shapes", num_train=12, num_val=0, world=ShapesWorld(num_frames=9), heldout=[], clips_per_shard=2)
     src = tmp_path / "shapes" / "train"
     cmd = ["recaption", str(src), "--rewriter", "template", "--shard-size", "5"]
     assert main([*cmd, "--out", str(tmp_path / "whole")]) == 0
-    run_parts(cmd, tmp_path / "out")
-    assert_same_set(tmp_path / "out", tmp_path / "whole")
+    out = tmp_path / "out"
+    for k in range(3):
+        assert main([*cmd, "--out", str(out), "--part", f"{k}/3"]) == 0
+    moved, replace = [], os.replace
+
+    def killed_at_the_second_shard(a, b):  # the merge is killed while it moves the shards
+        if str(b).endswith(".tar"):
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(b)
+        return replace(a, b)
+
+    monkeypatch.setattr(parts.os, "replace", killed_at_the_second_shard)
+    assert main(["merge", str(out)]) == 130
+    monkeypatch.undo()
+    assert len(list(out.glob("shard-*.tar"))) == 1 and not (out / "index.json").exists()
+    assert main(["merge", str(out)]) == 0
+    assert_same_set(out, tmp_path / "whole")
     assert read_index(tmp_path / "out")["rewrite_status"]["rewritten"] == 12
 
 
