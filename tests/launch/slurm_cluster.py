@@ -62,13 +62,13 @@ class Cluster:
         self.run("scancel", job_id, check=False)
         raise AssertionError(f"job {job_id} not done after {timeout:.0f}s: {info}\n{self.logs()}")
 
-    def release_requeued(self, job_id: str, timeout: float = 150) -> None:
-        """Wait until the job has been requeued and let it start now rather than after Slurm's
-        2 minute hold, with a 10 minute limit so that the run after the requeue is not sent the
-        time-limit signal again (Slurm re-arms it for every run)."""
+    def release_requeued(self, job_id: str, timeout: float = 150, restarts: int = 1) -> None:
+        """Wait until the job has been requeued (``restarts`` times in all) and let it start now
+        rather than after Slurm's 2 minute hold, with a 10 minute limit so that the run after
+        the requeue is not sent the time-limit signal again (Slurm re-arms it for every run)."""
 
         def requeued(info: dict[str, str]) -> bool:
-            return (info.get("JobState") == "PENDING" and int(info.get("Restarts") or 0) >= 1) or info.get("JobState") in DONE_STATES
+            return (info.get("JobState") == "PENDING" and int(info.get("Restarts") or 0) >= restarts) or info.get("JobState") in DONE_STATES
 
         info = self.wait(job_id, timeout, until=requeued)
         assert info["JobState"] == "PENDING", f"job {job_id} was not requeued: {info}"
