@@ -46,7 +46,7 @@ from sora_train.data.shardset import LEDGER_NAME, read_jsonl
 from sora_train.data_tools.probe import console, display_path, progress, table
 from sora_train.utils import get_logger, stable_hash
 from sora_train.utils.errors import SoraError
-from sora_train.utils.io import atomic_write_json, atomic_write_text
+from sora_train.utils.io import atomic_write_json, atomic_write_text, file_lock
 
 log = get_logger(__name__)
 
@@ -257,8 +257,18 @@ def merge(out: str | os.PathLike, quiet: bool = False) -> dict[str, Any]:
     """Join OUT/parts/part-K-of-N (K = 0..N-1) into the shard set OUT; returns its index.json."""
     out = Path(out)
     n, dirs = find_parts(out)
+    # Two merge jobs of one OUT (submitted twice): the second waits, then finds it merged.
+    with file_lock(out / PARTS_DIR / ".merge.lock", f"another sora-data merge of {display_path(out)}"):
+        return _merge(out, n, dirs, quiet)
+
+
+def _merge(out: Path, n: int, dirs: list[Path], quiet: bool) -> dict[str, Any]:
     plan_path = out / PLAN_NAME
-    resuming = plan_path.is_file()
+    plan = _read_json(plan_path)
+    resuming = plan is not None
+    if resuming and plan.get("parts") != n:
+        raise SoraError(f"{display_path(plan_path)}: a merge of {plan.get('parts')} parts was cut short, and parts/ now holds {n}; "
+                        "restore those parts or start again in a new --out")
     records = []
     for k, d in enumerate(dirs):
         rec = _read_json(d / PART_RECORD)
