@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     from sora_train.utils.pii import scrub
 
     prompts = [scrub(p) for p in read_prompts(args)]
+    if args.boxes:  # a malformed file fails in one line before the model loads; checked against it below
+        from sora_train.data.boxes import load_boxes
+
+        load_boxes(args.boxes, what=f"--boxes {args.boxes}")
     default_provenance().warn_if_unsigned()  # a bad or missing signing identity: one line, before the slow part
     pipe = VideoPipeline.from_export(args.ckpt, use_ema=not args.no_ema, rewriter=rewriter_from_option(args.rewriter, args.rewriter_opt), vae_path=args.vae)
     if args.lora:
