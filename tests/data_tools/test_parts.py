@@ -167,6 +167,7 @@ def test_recaption_in_parts_equals_one_run_and_a_killed_merge_finishes(tmp_path,
     out = tmp_path / "out"
     for k in range(3):
         assert main([*cmd, "--out", str(out), "--part", f"{k}/3"]) == 0
+    inodes = sorted(p.stat().st_ino for p in out.glob("parts/*/shard-*.tar"))
     moved, replace = [], os.replace
 
     def killed_at_the_second_shard(a, b):  # the merge is killed while it moves the shards
@@ -182,6 +183,7 @@ def test_recaption_in_parts_equals_one_run_and_a_killed_merge_finishes(tmp_path,
     assert len(list(out.glob("shard-*.tar"))) == 1 and not (out / "index.json").exists()
     assert main(["merge", str(out)]) == 0
     assert_same_set(out, tmp_path / "whole")
+    assert sorted(p.stat().st_ino for p in out.glob("shard-*.tar")) == inodes  # renamed, not copied
     assert read_index(tmp_path / "out")["rewrite_status"]["rewritten"] == 12
 
 
