@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +118,10 @@ def resolve_part(arg: str | None, env: Mapping[str, str] | None = None) -> Part 
     """The part this process works on: ``--part K/N``; else, in a Slurm array task, the task's
     place in the array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT),
     or with SORA_DATA_PARTS=N set, part SLURM_ARRAY_TASK_ID of N (to redo some parts:
-    ``--array=3,17``); else None (the whole job)."""
+    ``--array=3,17``); else None (the whole job). ``--part all``: the whole job even in an array
+    task (an array whose tasks ingest different folders)."""
     if arg is not None:
-        return parse_part(arg)
+        return None if arg.strip().lower() == "all" else parse_part(arg)
     env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" not in env:
         return None
@@ -132,7 +134,7 @@ def resolve_part(arg: str | None, env: Mapping[str, str] | None = None) -> Part 
             raise SoraError(f"{PARTS_ENV} must be the number of parts ({seen})") from None
         if not 0 <= part.index < part.count:
             raise SoraError(f"SLURM_ARRAY_TASK_ID must be in 0..{part.count - 1} with {PARTS_ENV}={part.count} ({seen})")
-        return part
+        return _announce(part)
     try:
         task = int(env["SLURM_ARRAY_TASK_ID"])
         lo = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
@@ -142,13 +144,18 @@ def resolve_part(arg: str | None, env: Mapping[str, str] | None = None) -> Part 
         raise SoraError(f"a Slurm array task without a usable SLURM_ARRAY_TASK_COUNT ({seen}): give --part K/N") from None
     if hi - lo + 1 != count or not lo <= task <= hi:
         raise SoraError(f"the Slurm array is not one range of task ids ({seen}): submit --array=0-{count - 1} (a throttle %M is fine), set {PARTS_ENV}=N (the task id is the part), or give --part K/N")
-    return Part(task - lo, count, origin=f"SLURM_ARRAY_TASK_ID={task}")
+    return _announce(Part(task - lo, count, origin=f"SLURM_ARRAY_TASK_ID={task}"))
+
+
+def _announce(part: Part) -> Part:
+    print(f"sora-data: part {part.label} of the work, from the Slurm array ({part.origin}); --part all does it all", file=sys.stderr)
+    return part
 
 
 def add_part_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part", metavar="K/N", default=None,
                    help="do part K of N (from 0) of the work into OUT/parts/part-K-of-N; join them with `sora-data merge OUT`. "
-                        "Default in a Slurm array task: the task's place in the array")
+                        "Default in a Slurm array task: the task's place in the array (--part all: the whole work)")
 
 
 def units_hash(units: Sequence[str]) -> str:

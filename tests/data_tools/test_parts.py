@@ -62,6 +62,7 @@ def test_part_parsing_and_the_split():
     env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_MAX": "6", "SLURM_ARRAY_TASK_COUNT": "3"}
     assert resolve_part(None, env) == Part(1, 3, origin="SLURM_ARRAY_TASK_ID=5")
     assert resolve_part("0/2", env) == Part(0, 2)  # --part wins
+    assert resolve_part("all", env) is None  # the whole job, in an array whose tasks do different things
     assert resolve_part(None, {}) is None
     with pytest.raises(SoraError, match="not one range"):  # --array=4,8 or a step
         resolve_part(None, {**env, "SLURM_ARRAY_TASK_MAX": "8"})
