@@ -78,7 +78,7 @@ def test_ingest_as_an_array_of_3_tasks_then_a_dependent_merge(slurm_cluster, tmp
     assert info["JobState"] == "COMPLETED", f"{info}\n{shown}\n{slurm_cluster.logs()}"
     for k in range(3):  # each task found its part in the Slurm environment
         log = logs[f"sora-data-{array}_{k}.out"]
-        assert f"array {array} task {k} of 3" in log, shown
+        assert f"array {array} task {k} of 3" in log and f"part {k}/3 of the work, from the Slurm array" in log, shown
         assert json.loads((out / "parts" / f"part-{k}-of-3" / "part.json").read_text())["units"]["total"] == 7
     assert "merge ->" in logs[f"sora-data-merge-{merge}.out"], shown
 
