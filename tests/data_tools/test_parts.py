@@ -96,6 +96,7 @@ def test_ingest_in_parts_equals_one_run_and_bad_parts_are_one_line(footage, tmp_
     assert_same_set(out, whole)
     assert read_index(out)["num_sources"] == read_index(whole)["num_sources"] == 5
     assert read_index(out)["rejects_by_reason"] == {"empty_file": 1, "not_media": 1, "missing_caption": 1}
+    assert main(["probe", str(out), "--decode"]) == 0  # the merged set verifies like any other
     capsys.readouterr()
 
     # a finished part and a finished merge are no-ops (a requeued array task, a second merge job)
