@@ -1,8 +1,10 @@
 """Data preparation as a Slurm array job, on the local two-node cluster (conftest.py):
 launch/sbatch/data_array.sbatch runs `sora-data ingest` as an array of 3 tasks (each task's
 part from SLURM_ARRAY_TASK_ID / _COUNT), a job submitted with --dependency=afterok on the
-array merges the parts, and the merged shard set is the one a single `sora-data ingest` writes:
-same samples in the same order, same bytes and json, same index counts, same rejects.
+array merges the parts, then `sora-data recaption` runs as an array of 3 over the merged set and
+is merged the same way (the four jobs submitted at once, chained by afterok). Each merged shard
+set is the one a single process writes: same samples in the same order, same bytes and json,
+same index counts, same rejects.
 
 The --part mechanics for recaption and cache-latents, and the one-line errors, are tested
 without Slurm in tests/data_tools/test_parts.py.
@@ -56,37 +58,49 @@ def read_set(out: Path) -> list[tuple[str, dict[str, bytes], dict]]:
             for p in shard_paths(out) for s in iter_samples(p)]
 
 
-def test_ingest_as_an_array_of_3_tasks_then_a_dependent_merge(slurm_cluster, tmp_path):
+def assert_same_set(merged: Path, whole: Path) -> None:
+    from sora_train.data.shards import read_index
+
+    a, b = read_set(merged), read_set(whole)
+    assert [s[0] for s in a] == [s[0] for s in b]  # same samples, same order
+    assert a == b
+    ia, ib = read_index(merged), read_index(whole)
+    assert {k: v for k, v in ia.items() if k not in NOT_COMPARED} == {k: v for k, v in ib.items() if k not in NOT_COMPARED}
+    assert [r["part"] for r in ia["runs"]] == ["0/3", "1/3", "2/3"] and ia["merged_from"]["parts"] == 3
+    assert (merged / "rejects.jsonl").read_text() == (whole / "rejects.jsonl").read_text()
+
+
+def test_ingest_then_recaption_as_arrays_of_3_tasks_each_merged_by_a_dependent_job(slurm_cluster, tmp_path):
     from sora_train.data.shards import read_index
     from sora_train.data_tools.cli import main
 
     footage = make_footage(tmp_path / "footage")
-    whole, out = tmp_path / "whole", tmp_path / "out"
-    assert main(["ingest", str(footage), "--out", str(whole), *INGEST, "--workers", "0"]) == 0  # the one-machine run
+    whole, out, rc = tmp_path / "whole", tmp_path / "out", tmp_path / "recaptioned"
+    recaption = ["recaption", str(out), "--out", str(rc), "--rewriter", "template", "--shard-size", "3"]
+    common = ("--cpus-per-task=1", "--time=5", f"--chdir={tmp_path}")
 
-    array = slurm_cluster.sbatch(
-        "--array=0-2", "--cpus-per-task=1", "--time=5", f"--chdir={tmp_path}",
-        str(TEMPLATE), "ingest", str(footage), "--out", str(out), *INGEST,
-    )  # fmt: skip
-    merge = slurm_cluster.sbatch(
-        f"--dependency=afterok:{array}", "--cpus-per-task=1", "--time=5", f"--chdir={tmp_path}",
-        "--output=sora-data-merge-%j.out", str(TEMPLATE), "merge", str(out),
-    )  # fmt: skip
-    info = slurm_cluster.wait(merge, timeout=240)
+    array = slurm_cluster.sbatch("--array=0-2", *common, str(TEMPLATE), "ingest", str(footage), "--out", str(out), *INGEST)
+    merge = slurm_cluster.sbatch(f"--dependency=afterok:{array}", *common, "--output=sora-data-merge-%j.out",
+                                 str(TEMPLATE), "merge", str(out))
+    array_rc = slurm_cluster.sbatch(f"--dependency=afterok:{merge}", "--array=0-2", *common, str(TEMPLATE), *recaption)
+    merge_rc = slurm_cluster.sbatch(f"--dependency=afterok:{array_rc}", *common, "--output=sora-data-merge-%j.out",
+                                    str(TEMPLATE), "merge", str(rc))
+    assert main(["ingest", str(footage), "--out", str(whole), *INGEST, "--workers", "0"]) == 0  # the one-machine run, meanwhile
+    info = slurm_cluster.wait(merge_rc, timeout=300)
     logs = {p.name: p.read_text(errors="replace") for p in sorted(tmp_path.glob("sora-data-*.out"))}
     shown = "\n".join(f"----- {k}\n{v[-3000:]}" for k, v in logs.items())
     assert info["JobState"] == "COMPLETED", f"{info}\n{shown}\n{slurm_cluster.logs()}"
-    for k in range(3):  # each task found its part in the Slurm environment
-        log = logs[f"sora-data-{array}_{k}.out"]
-        assert f"array {array} task {k} of 3" in log and f"part {k}/3 of the work, from the Slurm array" in log, shown
-        assert json.loads((out / "parts" / f"part-{k}-of-3" / "part.json").read_text())["units"]["total"] == 7
-    assert "merge ->" in logs[f"sora-data-merge-{merge}.out"], shown
+    for job, units in ((array, 7), (array_rc, 4)):  # 7 input files; 4 input shards
+        for k in range(3):  # each task found its part in the Slurm environment
+            log = logs[f"sora-data-{job}_{k}.out"]
+            assert f"array {job} task {k} of 3" in log and f"part {k}/3 of the work, from the Slurm array" in log, shown
+        done = out if job == array else rc
+        assert [json.loads((done / "parts" / f"part-{k}-of-3" / "part.json").read_text())["units"]["total"] for k in range(3)] == [units] * 3
+    assert "merge ->" in logs[f"sora-data-merge-{merge}.out"] and "merge ->" in logs[f"sora-data-merge-{merge_rc}.out"], shown
 
-    a, b = read_set(out), read_set(whole)
-    assert [s[0] for s in a] == [s[0] for s in b] and len(a) == 8  # 4 one-clip videos + 3 clips + 1 image
-    assert a == b
-    ia, ib = read_index(out), read_index(whole)
-    assert {k: v for k, v in ia.items() if k not in NOT_COMPARED} == {k: v for k, v in ib.items() if k not in NOT_COMPARED}
-    assert [r["part"] for r in ia["runs"]] == ["0/3", "1/3", "2/3"] and ia["merged_from"]["parts"] == 3
-    assert (out / "rejects.jsonl").read_text() == (whole / "rejects.jsonl").read_text()
-    assert ia["rejects_by_reason"] == {"empty_file": 1}
+    assert_same_set(out, whole)
+    assert len(read_set(out)) == 8  # 4 one-clip videos + 3 clips of the long one + 1 image
+    assert read_index(out)["rejects_by_reason"] == {"empty_file": 1}
+    assert main([*recaption[:3], str(tmp_path / "rc_whole"), *recaption[4:]]) == 0  # one recaption of the merged set
+    assert_same_set(rc, tmp_path / "rc_whole")
+    assert all(meta["captions"]["rewritten"] == meta["caption"] != meta["captions"]["original"] for _, _, meta in read_set(rc))
