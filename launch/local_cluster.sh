@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # A real two-node Slurm cluster on this machine, for tests and for trying the launch path by
-# hand: munged + slurmctld + two slurmd ("node1", "node2"), all on 127.0.0.1, all state in DIR.
+# hand: munged + slurmctld + two slurmd ("node1", "node2"), all state in DIR. Each node runs in
+# a network namespace of its own (netns mode) or all share 127.0.0.1 (loopback mode).
 #
 #   launch/local_cluster.sh start  DIR   # start (or find running) and wait until both nodes are idle
 #   launch/local_cluster.sh status DIR   # which daemons are alive, and sinfo; exit 3 if not all
 #   launch/local_cluster.sh stop   DIR   # cancel jobs, stop every process this script started
 #   launch/local_cluster.sh env    DIR   # prints `export SLURM_CONF=DIR/slurm.conf`
+#   launch/local_cluster.sh mode   DIR   # prints "netns" or "loopback" (and the addresses)
 #
 #   eval "$(launch/local_cluster.sh env /tmp/soratest)" && sbatch -N 2 --wrap 'srun hostname'
 #
@@ -15,7 +17,23 @@
 #
 # Two slurmd on one host: Debian's Slurm is built with multiple-slurmd support, so each slurmd
 # runs as `slurmd -N nodeN` with its own Port= in slurm.conf and %n in SlurmdSpoolDir,
-# SlurmdPidFile and SlurmdLogFile; both nodes have NodeAddr=127.0.0.1 (docs/launching.md).
+# SlurmdPidFile and SlurmdLogFile (docs/launching.md).
+#
+# Network (SORA_SLURM_NET):
+#   netns     a Linux bridge in the host namespace (10.A.B.1) and one network namespace per
+#             daemon host, joined to it by a veth pair: soractl = 10.A.B.10 (slurmctld),
+#             node1 = 10.A.B.11, node2 = 10.A.B.12; each daemon in its own mount + UTS
+#             namespace too, so that its host name is its own and its /etc/hosts
+#             (DIR/net/hosts, bind-mounted) resolves soractl, node1, node2. Commands on the
+#             host (sbatch, squeue) reach slurmctld over the bridge. Jobs inherit all of it: the master address
+#             comes from SLURM_NODELIST and gloo traffic crosses the (virtual) network, as on
+#             a real cluster. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and iproute2. A.B is
+#             derived from DIR, so several clusters can run side by side. Nothing listens on
+#             a non-virtual interface. Outside DIR this makes /run/netns/sora-ID-* and the
+#             links; `stop` removes them.
+#   loopback  every daemon on 127.0.0.1; node names do not resolve, so jobs must be told
+#             MASTER_ADDR=127.0.0.1 (and GLOO_SOCKET_IFNAME=lo).
+#   auto      (default) netns where it can be set up, else loopback, saying why.
 #
 # The daemons stop by themselves too: a watchdog stops the cluster when SORA_SLURM_OWNER_PID
 # (e.g. the pytest process) exits, or after SORA_SLURM_LIFETIME_S seconds (default 4 h).
@@ -26,6 +44,7 @@
 #   SORA_SLURM_OWNER_PID   stop the cluster when this process is gone (default: unset)
 # (The watchdog also stops the other daemons when slurmctld dies.)
 #   SORA_SLURM_MEM_MB      RealMemory of each node in MB (default 80% of the host's memory)
+#   SORA_SLURM_NET         netns | loopback | auto (default auto; see Network above)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,6 +54,7 @@ NODES=(node1 node2)
 WAIT_S=${SORA_SLURM_WAIT_S:-60}
 LIFETIME_S=${SORA_SLURM_LIFETIME_S:-14400}
 OWNER_PID=${SORA_SLURM_OWNER_PID:-}
+NET_MODE=${SORA_SLURM_NET:-auto}
 # Memory is not a consumable resource here (CR_Core), so each node may claim most of the host:
 # jobs that ask for --mem (submitit's mem_gb) are then accepted as on a real node.
 MEM_MB=${SORA_SLURM_MEM_MB:-$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo 2>/dev/null || echo 1024)}
@@ -131,13 +151,126 @@ dump_logs() {
   done
 }
 
+# ---------------------------------------------------------------------------- network
+NETDIR="$DIR/net"
+NET_ID=$(printf '%s' "$DIR" | sha1sum | cut -c1-6)
+BRIDGE="sorabr$NET_ID"
+netns_name() { echo "sora-$NET_ID-$1"; }
+
+# The mode the running cluster was started in: "netns PREFIX" or "loopback".
+net_mode() { [[ -s $NETDIR/mode ]] && cat "$NETDIR/mode" || echo loopback; }
+net_prefix() { local m; m=$(net_mode); [[ $m == netns* ]] && echo "${m#netns }"; }
+
+# A /24 in 10.128.0.0/10 derived from DIR and not used by any address here yet.
+pick_prefix() {
+  local a=$((128 + 0x${NET_ID:0:2} % 64)) b=$((0x${NET_ID:2:2})) used i
+  used=$(ip -4 -o addr show 2>/dev/null | awk '{print $4}')
+  for i in $(seq 0 255); do
+    local pfx="10.$a.$(((b + i) % 256))"
+    grep -q "^$pfx\." <<<"$used" || { echo "$pfx"; return 0; }
+  done
+  return 1
+}
+
+# The members of the virtual network: the controller and the nodes, each in a namespace of its
+# own; MEMBER:HOSTNAME:LAST_OCTET.
+MEMBERS=(ctl:soractl:10 node1:node1:11 node2:node2:12)
+
+netns_down() {
+  local m
+  for m in "${MEMBERS[@]}"; do
+    m=${m%%:*}
+    ip netns del "$(netns_name "$m")" 2>/dev/null || true  # takes its end of the veth pair along
+    ip link del "sv$NET_ID${m: -1}" 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  rm -f "$NETDIR/mode"
+}
+
+# Bridge + one namespace per member; prints the reason and returns 1 when it cannot.
+netns_up() {
+  local pfx m name host_name octet ns host peer err
+  command -v ip >/dev/null || { echo "iproute2's ip is not installed"; return 1; }
+  command -v unshare >/dev/null || { echo "util-linux's unshare is not installed"; return 1; }
+  pfx=$(pick_prefix) || { echo "no free 10.x.y.0/24 for the bridge"; return 1; }
+  mkdir -p "$NETDIR"
+  {
+    ip link add "$BRIDGE" type bridge &&
+      # bridged frames must not meet the host's iptables FORWARD policy (br_netfilter)
+      { ip link set "$BRIDGE" type bridge nf_call_iptables 0 2>/dev/null || true; } &&
+      ip addr add "$pfx.1/24" dev "$BRIDGE" &&
+      ip link set "$BRIDGE" up
+  } 2>"$NETDIR/err" || { err=$(head -c 200 "$NETDIR/err"); netns_down; echo "cannot create a bridge: $err"; return 1; }
+  printf '127.0.0.1 localhost\n' >"$NETDIR/hosts"
+  for m in "${MEMBERS[@]}"; do
+    IFS=: read -r name host_name octet <<<"$m"
+    ns=$(netns_name "$name")
+    host="sv$NET_ID${name: -1}"
+    peer="sp$NET_ID${name: -1}"
+    {
+      ip netns add "$ns" &&
+        ip link add "$host" type veth peer name "$peer" &&
+        ip link set "$peer" netns "$ns" &&
+        ip link set "$host" master "$BRIDGE" up &&
+        ip -n "$ns" link set lo up &&
+        ip -n "$ns" addr add "$pfx.$octet/24" dev "$peer" &&
+        ip -n "$ns" link set "$peer" up &&
+        ip -n "$ns" route add default via "$pfx.1"
+    } 2>"$NETDIR/err" || { err=$(head -c 200 "$NETDIR/err"); netns_down; echo "cannot make network namespace $ns: $err"; return 1; }
+    printf '%s.%s %s\n' "$pfx" "$octet" "$host_name" >>"$NETDIR/hosts"
+  done
+  # Mount + UTS namespaces must work too (each member's host name and /etc/hosts).
+  # (nsenter, not `ip netns exec`: that remounts /sys, hiding /sys/fs/cgroup from slurmd.)
+  if ! nsenter --net="/run/netns/$(netns_name node1)" unshare --mount --uts -- sh -c \
+      "mount --bind '$NETDIR/hosts' /etc/hosts && hostname node1 && [ \"\$(hostname)\" = node1 ] && getent hosts node2 | grep -q '^$pfx\.12 '" \
+      2>"$NETDIR/err"; then
+    err=$(head -c 200 "$NETDIR/err"); netns_down; echo "cannot give a node its own host name and /etc/hosts: $err"; return 1
+  fi
+  echo "netns $pfx" >"$NETDIR/mode"
+}
+
+# How a member's daemon is started: inside its namespaces with its host name (netns), or as
+# is (loopback). Prints the argv NUL-separated.
+member_cmd() {
+  local name=$1 m host_name=""
+  shift
+  if [[ $(net_mode) == netns* ]]; then
+    for m in "${MEMBERS[@]}"; do [[ ${m%%:*} == "$name" ]] && { host_name=${m#*:}; host_name=${host_name%%:*}; }; done
+    printf '%s\0' nsenter --net=/run/netns/"$(netns_name "$name")" unshare --mount --uts -- sh -c \
+      "mount --bind '$NETDIR/hosts' /etc/hosts && hostname $host_name && exec \"\$0\" \"\$@\"" "$@"
+  else
+    printf '%s\0' "$@"
+  fi
+}
+
+setup_net() {
+  local why
+  netns_down
+  mkdir -p "$NETDIR"
+  case $NET_MODE in
+    loopback) echo loopback >"$NETDIR/mode" ;;
+    netns) why=$(netns_up) || die "SORA_SLURM_NET=netns: $why" ;;
+    auto)
+      if ! why=$(netns_up); then
+        log "network namespaces unavailable ($why): nodes share 127.0.0.1 (loopback mode)"
+        echo loopback >"$NETDIR/mode"
+      fi
+      ;;
+    *) die "SORA_SLURM_NET=$NET_MODE: choose netns, loopback or auto" ;;
+  esac
+}
+
 write_config() {
   local ctld n1 n2
   ctld=$(free_port)
   n1=$(free_port "$ctld")
   n2=$(free_port "$ctld" "$n1")
+  local pfx ctld_host=localhost ctld_addr=127.0.0.1 a1=127.0.0.1 a2=127.0.0.1
+  pfx=$(net_prefix)
+  [[ -z $pfx ]] || { ctld_host=soractl; ctld_addr=$pfx.10; a1=$pfx.11; a2=$pfx.12; }
   sed -e "s|@DIR@|$DIR|g" -e "s|@USER@|$(id -un)|g" -e "s|@CTLD_PORT@|$ctld|g" \
       -e "s|@NODE1_PORT@|$n1|g" -e "s|@NODE2_PORT@|$n2|g" -e "s|@MEM_MB@|$MEM_MB|g" \
+      -e "s|@CTLD_HOST@|$ctld_host|g" -e "s|@CTLD_ADDR@|$ctld_addr|g" -e "s|@NODE1_ADDR@|$a1|g" -e "s|@NODE2_ADDR@|$a2|g" \
       "$TEMPLATE" >"$SLURM_CONF.tmp"
   mv "$SLURM_CONF.tmp" "$SLURM_CONF"
   : >"$DIR/plugstack.conf"
@@ -168,17 +301,21 @@ start() {
     mungekey --create --keyfile="$DIR/munge/munge.key" >/dev/null
   fi
   chmod 600 "$DIR/munge/munge.key"
+  setup_net
   write_config
 
   spawn munged munged --foreground --force --key-file="$DIR/munge/munge.key" --socket="$SOCKET" \
     --pid-file="$DIR/run/munged.self.pid" --seed-file="$DIR/munge/munged.seed" --num-threads=2
   wait_for 15 munged munge_ok || { dump_logs; stop_all quiet; die "munged did not come up (log: $DIR/log/munged.out)"; }
 
-  spawn slurmctld slurmctld -D -f "$SLURM_CONF"
+  local -a argv
+  mapfile -d '' argv < <(member_cmd ctl slurmctld -D -f "$SLURM_CONF")
+  spawn slurmctld "${argv[@]}"
   wait_for 30 slurmctld ctld_up || { dump_logs; stop_all quiet; die "slurmctld did not answer (log: $DIR/log/slurmctld.log)"; }
 
   for n in "${NODES[@]}"; do
-    spawn "slurmd-$n" slurmd -D -N "$n" -f "$SLURM_CONF"
+    mapfile -d '' argv < <(member_cmd "$n" slurmd -D -N "$n" -f "$SLURM_CONF")
+    spawn "slurmd-$n" "${argv[@]}"
   done
 
   spawn watchdog bash "$SELF" _watchdog "$DIR"
@@ -189,7 +326,7 @@ start() {
     stop_all quiet
     die "nodes not idle after ${WAIT_S}s"
   fi
-  log "up in $((SECONDS - t0))s: $(sinfo -h -N -o '%N=%T' | tr '\n' ' ')(logs in $DIR/log)"
+  log "up in $((SECONDS - t0))s, $(mode_line): $(sinfo -h -N -o '%N=%T' | tr '\n' ' ')(logs in $DIR/log)"
   echo "export SLURM_CONF=$SLURM_CONF"
 }
 
@@ -239,6 +376,7 @@ stop_all() {
   terminate watchdog
   for d in "${NODES[@]/#/slurmd-}" slurmctld munged; do terminate "$d"; done
   sweep_steps
+  netns_down
   [[ -n $quiet ]] || log "stopped ($DIR)"
 }
 
@@ -273,8 +411,19 @@ watchdog() {
   stop_all
 }
 
+mode_line() {
+  local pfx
+  pfx=$(net_prefix)
+  if [[ -n $pfx ]]; then
+    echo "netns (soractl $pfx.10, node1 $pfx.11, node2 $pfx.12 on bridge $BRIDGE $pfx.1)"
+  else
+    echo "loopback (every node on 127.0.0.1)"
+  fi
+}
+
 case $cmd in
   start) start ;;
+  mode) mode_line ;;
   stop) stop_all ;;
   status) status ;;
   env) echo "export SLURM_CONF=$SLURM_CONF" ;;

@@ -1,6 +1,10 @@
 """The local two-node Slurm cluster every test under tests/launch/ runs on: one per pytest
 session, started by launch/local_cluster.sh in a temporary folder and stopped at the end (a
-watchdog also stops it if pytest dies), and the smoke data set the Slurm runs share."""
+watchdog also stops it if pytest dies), and the smoke data set the Slurm runs share.
+
+The nodes run in network namespaces of their own where the machine allows it (root), else on
+127.0.0.1; SORA_SLURM_NET=netns|loopback forces one. The summary line at the end of the run
+says which mode ran."""
 
 from __future__ import annotations
 
@@ -13,6 +17,15 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import LOCAL_CLUSTER, NEEDED, SBIN, Cluster, _under_ci
+
+
+_MODES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say which network mode the Slurm tests ran in (netns, or the loopback fallback)."""
+    for mode in _MODES:
+        terminalreporter.write_line(f"local Slurm cluster: {mode}")
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +51,10 @@ def slurm_cluster(tmp_path_factory) -> Iterator[Cluster]:
     r = subprocess.run(["bash", str(LOCAL_CLUSTER), "start", str(d)], env=start_env, capture_output=True, text=True, timeout=150)
     if r.returncode != 0:
         pytest.fail(f"local cluster did not start:\n{r.stdout}\n{r.stderr}")
+    mode = subprocess.run(["bash", str(LOCAL_CLUSTER), "mode", str(d)], env=env, capture_output=True, text=True, timeout=30).stdout.strip()
+    _MODES.append(mode)
     try:
-        yield Cluster(dir=d, env=env)
+        yield Cluster(dir=d, env=env, mode=mode)
     finally:
         subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", str(d)], env=env, capture_output=True, text=True, timeout=120)
 

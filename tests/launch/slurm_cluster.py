@@ -34,6 +34,24 @@ def _free_port() -> int:
 class Cluster:
     dir: Path
     env: dict[str, str]
+    # How the nodes are networked (launch/local_cluster.sh): "netns ..." (each node in a network
+    # namespace of its own, with its own address and host name) or "loopback ..." (all on
+    # 127.0.0.1, the fallback where namespaces are not allowed).
+    mode: str = "loopback"
+
+    @property
+    def netns(self) -> bool:
+        return self.mode.startswith("netns")
+
+    def dist_env(self) -> dict[str, str]:
+        """What a multi-node torch.distributed job needs on top of Slurm's own variables. With
+        namespaces, nothing: the master address is the first node of SLURM_NODELIST (Lightning's
+        SLURMEnvironment; node names resolve inside the nodes) and the port comes from the job id,
+        as on a real cluster. On loopback the node names do not resolve and every node is
+        127.0.0.1, so the address and the interface are forced."""
+        if self.netns:
+            return {}
+        return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}
 
     def run(self, *cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)

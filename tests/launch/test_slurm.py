@@ -1,8 +1,9 @@
 """The Slurm launch path, against a real two-node Slurm cluster on this machine.
 
-One session fixture starts Debian's munged + slurmctld + two slurmd (node1, node2 on
-127.0.0.1) with launch/local_cluster.sh in a temporary folder and stops them at the end
-(a watchdog also stops them if pytest dies). Without Slurm installed the tests skip, except
+One session fixture (conftest.py) starts Debian's munged + slurmctld + two slurmd (node1,
+node2, each in a network namespace of its own with its own address and host name; on 127.0.0.1
+where namespaces are not allowed) with launch/local_cluster.sh in a temporary folder and stops
+them at the end (a watchdog also stops them if pytest dies). Without Slurm installed the tests skip, except
 under CI=true, where a missing Slurm is a failure: `.ci/run` installs it with
 launch/install_system_deps.sh.
 
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import REPO, _free_port
+from slurm_cluster import REPO
 
 pytestmark = pytest.mark.slurm
 
@@ -66,11 +67,8 @@ def test_sbatch_template_trains_on_two_nodes(slurm_cluster, smoke_data, tmp_path
         **slurm_cluster.env,
         "SORA_DATA_DIR": str(smoke_data),
         "WANDB_MODE": "disabled",
-        # Lightning would take the first node's name (node1) as the master address; the
-        # local nodes' names do not resolve, their address is 127.0.0.1.
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "GLOO_SOCKET_IFNAME": "lo",
+        # netns mode: nothing; Lightning takes node1 (first of SLURM_NODELIST) as the master.
+        **slurm_cluster.dist_env(),
     }
     job = slurm_cluster.sbatch(
         "-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", f"--chdir={tmp_path}",
@@ -189,7 +187,7 @@ def test_optuna_sweep_on_slurm_continues_and_records_failures(slurm_cluster, tmp
 # --------------------------------------------------------------------------- Lightning on 2 nodes
 
 LIGHTNING_COMMON = """
-import json, logging, os, sys, time
+import json, logging, os, socket, sys, time
 from pathlib import Path
 
 import torch
@@ -232,6 +230,8 @@ class Report(pl.Callback):
             "node_rank": trainer.node_rank, "local_rank": trainer.local_rank,
             "environment": type(trainer.strategy.cluster_environment).__name__,
             "node": os.environ["SLURMD_NODENAME"], "sum": float(total), "step": trainer.global_step,
+            "hostname": socket.gethostname(), "address": socket.gethostbyname(socket.gethostname()),
+            "master_addr": os.environ.get("MASTER_ADDR"),
         }))
 
 
@@ -249,7 +249,7 @@ def test_lightning_ddp_two_nodes(slurm_cluster, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "job.out"
-    env = {**slurm_cluster.env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}
+    env = {**slurm_cluster.env, **slurm_cluster.dist_env()}
     job = slurm_cluster.sbatch(
         "-N", "2", "--ntasks-per-node=1", "--time=5", f"--chdir={tmp_path}", f"--output={out}",
         "--wrap", f"srun {sys.executable} {script} {tmp_path}", env=env,
@@ -265,6 +265,10 @@ def test_lightning_ddp_two_nodes(slurm_cluster, tmp_path):
     assert {r["environment"] for r in ranks} == {"SLURMEnvironment"}
     assert [r["sum"] for r in ranks] == [3.0, 3.0]
     assert [r["step"] for r in ranks] == [5, 5]
+    if slurm_cluster.netns:  # as on a real cluster: own host names and addresses, master from SLURM_NODELIST
+        assert [r["hostname"] for r in ranks] == ["node1", "node2"], ranks
+        assert len({r["address"] for r in ranks}) == 2 and not any(r["address"].startswith("127.") for r in ranks), ranks
+        assert {r["master_addr"] for r in ranks} == {"node1"}, ranks
 
 
 # --------------------------------------------------------------------------- requeue
