@@ -438,7 +438,7 @@ def ingest(
     else:
         raise SoraError("give INPUT folders/files, or --manifest")
 
-    mine, label = files, f"--out {display_path(out)}"
+    mine, label, set_dir = files, f"--out {display_path(out)}", out
     if part is not None:  # the units are the input files in the order one run takes them
         units = [display_path(os.path.relpath(f, root)) for root, f in files]
         done = part_done(part, out, TOOL, options.options_hash(), units)
@@ -446,8 +446,6 @@ def ingest(
             say_done(part, out, done, quiet)
             return done
         mine, label, set_dir = part.select(files), part_label(part, out), part.dir(out)
-    else:
-        set_dir = out
     tasks: list[dict[str, Any]] = []
     for root, f in mine:
         rel = display_path(os.path.relpath(f, root))
