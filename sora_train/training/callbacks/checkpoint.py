@@ -111,8 +111,9 @@ class CheckpointPolicy(ModelCheckpoint):
 
         # One checkpoint path: ours. Lightning's SLURM auto-requeue would save hpc_ckpt_<n>.ckpt
         # (not atomically, from inside its signal handler) and resume from it whenever fit gets
-        # no ckpt_path. Its handlers are registered after this hook.
-        environment = trainer.strategy.cluster_environment
+        # no ckpt_path. Its handlers are registered after this hook, from the connector's
+        # environment (single-device strategies hold none of their own).
+        environment = getattr(trainer.strategy, "cluster_environment", None) or getattr(trainer._accelerator_connector, "cluster_environment", None)
         if self.save_on_sigterm and isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False
 
