@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -124,12 +125,10 @@ def _convert(src: Path, tag_dir: Path, out: Path) -> None:
     try:
         with _weights_only_loads(), contextlib.redirect_stdout(None):
             ds_to_universal.main(args)
-    except SoraError:
+    except Exception as e:  # DeepSpeed's asserts, file errors, refused shards: one line naming the checkpoint
         shutil.rmtree(partial, ignore_errors=True)
-        raise
-    except Exception as e:  # DeepSpeed's asserts and file errors: one line naming the checkpoint
-        shutil.rmtree(partial, ignore_errors=True)
-        raise SoraError(f"resume={src}: DeepSpeed's ds_to_universal could not convert it ({type(e).__name__}: {e})") from e
+        detail = str(e).splitlines()[0] if str(e).strip() else ""
+        raise SoraError(f"resume={src}: DeepSpeed's ds_to_universal could not convert it to another world size ({type(e).__name__}: {detail})") from e
     # ds_to_universal names the tag in <output_folder>/../latest_universal; Lightning checks for 'latest'.
     (partial / "latest").write_text(tag_dir.name)
     os.replace(partial, out)
@@ -151,10 +150,9 @@ def _weights_only_loads() -> Iterator[None]:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             try:
                 return real_load(f, *args, **kwargs)
-            except Exception as e:
-                if "weights_only" in str(e) or "Unsupported global" in str(e):
-                    raise SoraError(f"{f}: holds pickled Python objects; it is only read with torch.load(weights_only=True)") from None
-                raise
+            except pickle.UnpicklingError as e:  # an object other than tensors and plain containers, or not a checkpoint
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise SoraError(f"{f} cannot be read with torch.load(weights_only=True), the only way shards are read here ({first})") from e
 
     with mock.patch.object(torch, "load", load):
         yield

@@ -91,3 +91,132 @@ def test_data_position_covers_the_pass_once(monkeypatch, shard_dir, before, afte
     assert not missing, f"skipped: {sorted(missing)}"
     # And the resumed run continues the global batch count.
     assert state["next_index"] and min(int(v) for v in state["next_index"].values()) == steps_before
+
+
+# --------------------------------------------------------------------------- what cannot be converted
+
+
+def _fake_zero_checkpoint(root, ranks: int, optim: bool = True):
+    """A ZeRO checkpoint directory's layout (Lightning's: latest + tag folder) with unreadable shards."""
+    ckpt = root / "step=00000002.ckpt"
+    (ckpt / "checkpoint").mkdir(parents=True)
+    (ckpt / "latest").write_text("checkpoint")
+    for r in range(ranks):
+        (ckpt / "checkpoint" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+        if optim:
+            (ckpt / "checkpoint" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
+    return ckpt
+
+
+def test_what_cannot_be_converted_is_one_line(tmp_path):
+    import lightning.pytorch as pl
+
+    from sora_train.training.elastic import prepare_resume, universal_checkpoint, zero_world_size
+    from sora_train.utils.errors import SoraError
+
+    assert zero_world_size(tmp_path) is None  # not a ZeRO checkpoint: nothing to do
+    no_optim = _fake_zero_checkpoint(tmp_path / "a", 2, optim=False)
+    with pytest.raises(SoraError, match=r"has no \*_optim_states.pt shards .* resume on the same number of ranks") as e:
+        zero_world_size(no_optim)
+    assert "\n" not in str(e.value)
+    ckpt = _fake_zero_checkpoint(tmp_path / "b", 2)
+    assert zero_world_size(ckpt) == 2
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(SoraError, match=r"is a DeepSpeed ZeRO checkpoint \(saved on 2 ranks\) but strategy is SingleDeviceStrategy"):
+        prepare_resume(str(ckpt), trainer)
+    pytest.importorskip("deepspeed")
+    with pytest.raises(SoraError, match=r"ds_to_universal could not convert it") as e:
+        universal_checkpoint(ckpt)
+    assert str(ckpt) in str(e.value)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]  # no .partial, no lock left behind
+
+
+# --------------------------------------------------------------------------- real runs: 2 ranks -> 1
+
+STRATEGIES = ("ddp", "deepspeed_stage_2", "deepspeed_stage_3")
+TIMEOUT = 300
+SAVED_AT, RESUMED_TO = 2, 3
+
+
+@pytest.fixture(scope="module")
+def elastic_runs(tmp_path_factory):
+    """Each strategy: 2 ranks train 2 steps (checkpoint at 2), then 1 rank resumes it (resume=auto)
+    and trains step 3. The strategies run side by side."""
+    pytest.importorskip("deepspeed")
+    from cli_runs import Run, base_env, smoke_data_dir, sora
+
+    data = smoke_data_dir(tmp_path_factory)
+    base = tmp_path_factory.mktemp("elastic")
+    common = ["experiment=smoke", f"paths.data_dir={data}", "trainer.accelerator=cpu", "data.num_workers=0", "callbacks.samples=null",
+              "export=false", f"callbacks.checkpoint.every_n_steps={SAVED_AT}", "callbacks.checkpoint.keep_last=10"]
+    dirs = {s: base / s for s in STRATEGIES}
+    try:
+        first = [Run(sora("sora-train", *common, f"strategy={s}", f"hydra.run.dir={dirs[s]}", "trainer.devices=2",
+                          f"trainer.max_steps={SAVED_AT}"), base / f"{s}_2ranks.log", env=base_env()) for s in STRATEGIES]
+        for r in first:
+            r.ok(TIMEOUT)
+        second = {s: Run(sora("sora-train", *common, f"strategy={s}", f"hydra.run.dir={dirs[s]}", "trainer.devices=1",
+                              f"trainer.max_steps={RESUMED_TO}", "resume=auto"), base / f"{s}_1rank.log", env=base_env()) for s in STRATEGIES}
+        for r in second.values():
+            r.ok(TIMEOUT)
+    finally:
+        Run.kill_all()
+    return {"dirs": dirs, "logs": {s: r.output() for s, r in second.items()}}
+
+
+def _ckpt(run_dir, step: int):
+    return run_dir / "checkpoints" / f"step={step:08d}.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_resume_on_one(elastic_runs):
+    import torch
+    from cli_runs import history
+
+    from sora_train.parallel.consolidate import read_checkpoint_weights
+
+    dirs, logs = elastic_runs["dirs"], elastic_runs["logs"]
+    for s in STRATEGIES:
+        zero = s.startswith("deepspeed")
+        assert ("elastic resume through a universal checkpoint" in logs[s]) == zero, logs[s][-3000:]
+        assert (_ckpt(dirs[s], SAVED_AT).parent / f"step={SAVED_AT:08d}.ckpt.universal").is_dir() == zero
+        assert "data position: saved with 2 rank(s) x 1 worker(s), resumed with 1 x 1; going on from global batch 2" in logs[s]
+        assert sorted(history(dirs[s])) == list(range(1, RESUMED_TO + 1))  # one curve across the change
+    # Same weights and the same batch after the resume: the same loss at step 3 (ZeRO's loaded
+    # weights are DDP's). The weights after step 3's update are equal too, which needs Adam's
+    # moments and step count at the save to have come through the conversion.
+    ddp_loss = history(dirs["ddp"])
+    ddp_w, _ = read_checkpoint_weights(_ckpt(dirs["ddp"], RESUMED_TO))
+    for s in STRATEGIES[1:]:
+        loss = history(dirs[s])
+        assert math.isclose(loss[RESUMED_TO], ddp_loss[RESUMED_TO], rel_tol=1e-5), (s, loss, ddp_loss)
+        w, meta = read_checkpoint_weights(_ckpt(dirs[s], RESUMED_TO))
+        assert meta["world_size"] == 1
+        trained = [k for k in ddp_w if k.startswith("dit.")]
+        assert trained and all(torch.allclose(w[k].detach().float(), ddp_w[k].detach().float(), rtol=1e-4, atol=1e-6) for k in trained), (
+            s, max((w[k].detach().float() - ddp_w[k].detach().float()).abs().max().item() for k in trained))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_adam_state_is_the_consolidated_one(elastic_runs):
+    """Adam's step count and moments after the resumed step: ZeRO's one partition (1 rank) holds
+    what DDP's full optimizer state holds."""
+    import torch
+
+    from sora_train.parallel.consolidate import _safe_load  # weights_only, as test_multiprocess reads them
+
+    dirs = elastic_runs["dirs"]
+    ddp = _safe_load(_ckpt(dirs["ddp"], RESUMED_TO))["optimizer_states"][0]["state"]
+    assert {float(v["step"]) for v in ddp.values()} == {float(RESUMED_TO)}
+    ddp_norm = {m: math.sqrt(sum(float(v[m].double().pow(2).sum()) for v in ddp.values())) for m in ("exp_avg", "exp_avg_sq")}
+    for s in STRATEGIES[1:]:
+        (shard,) = _ckpt(dirs[s], RESUMED_TO).joinpath("checkpoint").glob("*optim_states.pt")
+        opt = _safe_load(shard, deepspeed_shard=True)["optimizer_state_dict"]
+        (state,) = (opt.get("base_optimizer_state") or opt["optimizer_state_dict"])["state"].values()
+        assert float(state["step"]) == RESUMED_TO, s
+        for m, want in ddp_norm.items():
+            got = float(state[m].double().norm())  # the flat partition; padding is zero
+            assert math.isclose(got, want, rel_tol=1e-4), (s, m, got, want)
+        assert torch.isfinite(state["exp_avg"]).all()
