@@ -51,6 +51,17 @@ def install() -> None:
         _previous[sig] = signal.signal(sig, _note)
 
 
+def uninstall() -> None:
+    """Put back the handlers :func:`install` found, and forget any noted signal."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, previous in list(_previous.items()):
+        if signal.getsignal(sig) is _note:
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        del _previous[sig]
+    _noted.clear()
+
+
 def requested() -> int | None:
     """The first requeue signal noted since start (or :func:`clear`), else None."""
     return _noted[0] if _noted else None
