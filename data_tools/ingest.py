@@ -359,7 +359,7 @@ def clip_key(sha256: str, start: int, end: int) -> str:
 class SourceLedger(ShardLedger):
     """done.jsonl of ingest: which samples are in finished shards, and which sources are complete.
 
-    One row per (source, shard) batch: ``{"sha256", "source", "options_hash", "complete",
+    One row per (source, shard) batch: ``{"sha256", "source", "file", "options_hash", "complete",
     "clips": [{"key", "shard", "num_frames", "height", "width", "duration"}]}``. A source is
     skipped on a re-run only once a row marks it ``complete``; a source cut off by a kill is
     redone, and its clips already on disk (same keys, since keys are deterministic) are not
@@ -408,7 +408,10 @@ class SourceLedger(ShardLedger):
         return [r for r in rows if r["clips"] or r["complete"]]
 
     def _row(self, source: dict[str, Any], complete: bool) -> dict[str, Any]:
-        return {"sha256": source["sha256"], "source": source["source"], "options_hash": self.options_hash, "complete": complete, "clips": []}
+        row = {"sha256": source["sha256"], "source": source["source"], "options_hash": self.options_hash, "complete": complete, "clips": []}
+        if "file" in source:  # the merge of an array job's parts names it when it is another part's duplicate
+            row["file"] = source["file"]
+        return row
 
 
 def ingest(
@@ -529,7 +532,7 @@ def _write_source(
     if not opts.keep_pii:  # personal data never reaches a shard (--keep-pii: recorded in index.json)
         caption, captions, extra = _scrub_texts(caption, captions, extra, run["pii_scrubbed"])
     todo = [c for c in res["clips"] if clip_key(sha, c["start"], c["end"]) not in ledger.keys]  # not already on disk
-    source = {"sha256": sha, "source": task["rel"], "total": len(todo)}
+    source = {"sha256": sha, "source": task["rel"], "file": task["display"], "total": len(todo)}
     ledger.begin(source)
     for c in todo:
         key = clip_key(sha, c["start"], c["end"])

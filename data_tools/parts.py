@@ -20,8 +20,9 @@ failed) resumes from its ledger like any re-run. part.json records the tool, its
 and the hash of the whole unit list, so parts made from different inputs or options never merge.
 
 **The merge** checks that parts 0..N-1 of one N are all finished and agree, that no sample key
-is in two parts, then moves (renames: no copy) every part's shards into OUT numbered in part
-order, writes OUT/done.jsonl (the parts' ledgers, so a later one-machine run into OUT resumes
+is in two parts (ingest: the same bytes under a second name in a later part are left out and
+rejected as `duplicate`, as one run does), then moves (renames: no copy, except a shard rewritten
+without such a duplicate) every part's shards into OUT numbered in part order, writes OUT/done.jsonl (the parts' ledgers, so a later one-machine run into OUT resumes
 it), OUT/rejects.jsonl (the parts' rows, in part order) and, last, OUT/index.json: counts,
 shape histogram and hours recomputed over all samples, ``runs`` = every part's runs (each with
 its ``part``), ``merged_from``. A killed merge is re-run (``.merge-plan.json`` marks one in
@@ -237,6 +238,42 @@ def _renamed(rows: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str
     return out
 
 
+@dataclass
+class _Move:
+    """A part's shard going to its place in the merged set: renamed, or rewritten without
+    ``leave_out`` (keys of another part's duplicates)."""
+
+    src: Path
+    dst: Path
+    count: int
+    leave_out: frozenset[str] = frozenset()
+
+
+def _copy_without(src: Path, dst: Path, leave_out: frozenset[str]) -> None:
+    """``src`` with the samples ``leave_out`` dropped, written atomically as ``dst`` (members
+    copied as they are: nothing is decoded or unpickled)."""
+    import tarfile
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with tarfile.open(src, "r:") as tin, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tout:
+        for member in tin:
+            dirname, base = os.path.split(member.name)
+            stem = base.partition(".")[0]
+            if (f"{dirname}/{stem}" if dirname else stem) in leave_out:
+                continue
+            tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def _input_position(rows: list[dict[str, Any]], source: str) -> int:
+    """Where one ingest run writes the reject of input ``source`` among ``rows``: inputs are
+    taken in the order of their relative paths' bytes (probe.find_media)."""
+    at = os.fsencode(source)
+    return next((i for i, r in enumerate(rows) if os.fsencode(str(r.get("source", ""))) > at), len(rows))
+
+
 def find_parts(out: Path) -> tuple[int, list[Path]]:
     """(N, [OUT/parts/part-K-of-N for K in 0..N-1]); one-line errors for no parts, parts of
     several splits, a missing part."""
@@ -303,51 +340,76 @@ def _merge(out: Path, n: int, dirs: list[Path], quiet: bool) -> dict[str, Any]:
     # Everything is read and checked before the first shard moves.
     ledger: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
-    moves: list[tuple[Path, Path]] = []
+    moves: list[_Move] = []
     runs: list[dict[str, Any]] = []
-    owner: dict[str, int] = {}
-    shards: list[dict[str, Any]] = []
+    owner: dict[str, int] = {}  # sample key -> its part
+    kept: dict[str, tuple[int, dict[str, Any]]] = {}  # ingest: source sha256 -> (part, ledger row) of the copy kept
+    duplicates = 0
     indexes = []
     for k, d in enumerate(dirs):
         idx = _read_json(d / INDEX_NAME)
         if idx is None:
             raise SoraError(f"part {k}/{n} has a {PART_RECORD} but no {INDEX_NAME} in {display_path(d)}: run it again into a new --out")
         indexes.append(idx)
+        rows = read_jsonl(d / LEDGER_NAME)
+        # ingest: the same bytes under a second name, in a later part than the first, are what one
+        # run makes of them: a `duplicate` reject, its clips not written (the parts cannot see each other).
+        dup = [r for r in rows if r.get("sha256") in kept and kept[r["sha256"]][0] < k]
+        rows = [r for r in rows if r.get("sha256") not in kept]
+        drop = {(shard, e["key"]) for shard, e in _ledger_entries(dup)}
+        for r in rows:
+            if "sha256" in r:
+                kept.setdefault(r["sha256"], (k, r))
+        for _, e in _ledger_entries(rows):
+            if e["key"] in owner and owner[e["key"]] != k:
+                j = owner[e["key"]]
+                raise SoraError(f"sample key {e['key']} is in part {j}/{n} ({display_path(dirs[j])}) and in part {k}/{n} "
+                                f"({display_path(d)}): the same input is in two parts; remove one of them and redo the parts "
+                                "into a new --out")
+            owner[e["key"]] = k
         names = {}
         for s in idx.get("shards") or []:
+            leave_out = frozenset(key for shard, key in drop if shard == s["name"])
+            if len(leave_out) >= int(s["count"]):
+                continue  # nothing but another part's duplicates: not in the merged set
             new = f"{SHARD_PREFIX}-{len(moves):06d}.tar"
             src, dst = d / s["name"], out / new
             if not src.is_file() and not (resuming and dst.is_file()):
                 raise SoraError(f"part {k}/{n}: shard {display_path(src)} (listed in its {INDEX_NAME}) is missing: "
                                 f"delete {PART_RECORD} there and run the part again (it rewrites what is missing)")
             names[s["name"]] = new
-            moves.append((src, dst))
-            shards.append({"name": new, "count": s["count"], "bytes": s["bytes"]})
-        rows = [r for r in read_jsonl(d / LEDGER_NAME)]
-        for _, e in _ledger_entries(rows):
-            if e["key"] in owner and owner[e["key"]] != k:
-                j = owner[e["key"]]
-                raise SoraError(f"sample key {e['key']} is in part {j}/{n} ({display_path(dirs[j])}) and in part {k}/{n} "
-                                f"({display_path(d)}): the same input is in two parts (for ingest: the same bytes under two names); "
-                                "remove one of them and redo the parts into a new --out")
-            owner[e["key"]] = k
+            moves.append(_Move(src, dst, int(s["count"]) - len(leave_out), leave_out))
         ledger += _renamed([r for r in rows if all(sh in names for sh, _ in _ledger_entries([r]))], names)
-        rejects += read_jsonl(d / REJECTS_NAME)
+        part_rejects = read_jsonl(d / REJECTS_NAME)
+        firsts: dict[str, dict[str, Any]] = {}
+        for r in dup:  # one reject per source, however many shards its clips went to
+            firsts.setdefault(r["sha256"], r)
+        for r in firsts.values():
+            row = {"source": r["source"], "reason": "duplicate", "detail": f"same bytes as {kept[r['sha256']][1]['source']}"}
+            row.update({"file": r["file"]} if "file" in r else {}, sha256=r["sha256"])
+            part_rejects.insert(_input_position(part_rejects, r["source"]), row)
+            duplicates += 1
+        rejects += part_rejects
         runs += [{**r, "part": f"{k}/{n}"} for r in idx.get("runs") or []]
 
-    atomic_write_json(plan_path, {"parts": n, "moves": [[str(a), str(b)] for a, b in moves]})
+    atomic_write_json(plan_path, {"parts": n, "moves": [[str(m.src), str(m.dst)] for m in moves]})
     with progress("merge", len(moves)) as advance:
-        for src, dst in moves:
-            if src.is_file():
-                os.replace(src, dst)  # same filesystem (OUT/parts is inside OUT): a rename, no copy
+        for m in moves:
+            if m.src.is_file():
+                if m.leave_out:
+                    _copy_without(m.src, m.dst, m.leave_out)
+                    m.src.unlink()
+                else:
+                    os.replace(m.src, m.dst)  # same filesystem (OUT/parts is inside OUT): a rename, no copy
             advance()
+    shards = [{"name": m.dst.name, "count": m.count, "bytes": m.dst.stat().st_size} for m in moves]
     for f in sorted(dirs[0].iterdir()):  # the tool's own records (cache-latents.json), equal in every part
         if f.is_file() and not f.name.startswith(".") and f.suffix == ".json" and f.name not in (INDEX_NAME, PART_RECORD):
             shutil.copyfile(f, out / f.name)
 
     atomic_write_text(out / LEDGER_NAME, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in ledger))
     atomic_write_text(out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
-    index = _merged_index(indexes, ledger, shards, rejects, runs, n, first)
+    index = _merged_index(indexes, ledger, shards, rejects, runs, n, first, duplicates)
     atomic_write_json(index_path, index)
     plan_path.unlink()
     if not quiet:
@@ -356,7 +418,8 @@ def _merge(out: Path, n: int, dirs: list[Path], quiet: bool) -> dict[str, Any]:
 
 
 def _merged_index(indexes: list[dict[str, Any]], ledger: list[dict[str, Any]], shards: list[dict[str, Any]],
-                  rejects: list[dict[str, Any]], runs: list[dict[str, Any]], n: int, record: dict[str, Any]) -> dict[str, Any]:
+                  rejects: list[dict[str, Any]], runs: list[dict[str, Any]], n: int, record: dict[str, Any],
+                  duplicates: int) -> dict[str, Any]:
     """index.json over every part: what ShardSetWriter.close computes over one ledger."""
     tally, seen = Tally(), set()
     for _, entry in _ledger_entries(ledger):
@@ -378,7 +441,8 @@ def _merged_index(indexes: list[dict[str, Any]], ledger: list[dict[str, Any]], s
         options_hash=base.get("options_hash"),
         rejects_by_reason=dict(Counter(r.get("reason") for r in rejects).most_common()),
         runs=runs,
-        merged_from={"parts": n, "units": {k: v for k, v in (record.get("units") or {}).items() if k in ("kind", "total", "hash")}},
+        merged_from={"parts": n, "units": {k: v for k, v in (record.get("units") or {}).items() if k in ("kind", "total", "hash")},
+                     "duplicates_across_parts": duplicates},
         **extra,
     )
 
@@ -386,6 +450,8 @@ def _merged_index(indexes: list[dict[str, Any]], ledger: list[dict[str, Any]], s
 def print_summary(out: Path, index: dict[str, Any], n: int) -> None:
     rows = [("parts", n), ("shards", len(index["shards"])), ("samples", index["num_samples"]),
             ("rejects", index["num_rejects"]), ("hours", f"{index['hours']:.4f}")]
+    if index["merged_from"]["duplicates_across_parts"]:
+        rows.append(("  of which the same bytes as in an earlier part", index["merged_from"]["duplicates_across_parts"]))
     rows += [(f"  rejected: {r}", c) for r, c in index["rejects_by_reason"].items()]
     console().print(table(f"merge -> {display_path(out)} ({index['tool']})", rows, ("", "count")))
 

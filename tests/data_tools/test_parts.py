@@ -31,7 +31,7 @@ def read_set(out: Path) -> list[tuple[str, dict[str, bytes], dict]]:
     return rows
 
 
-def assert_same_set(merged: Path, whole: Path) -> None:
+def assert_same_set(merged: Path, whole: Path, moved: bool = True) -> None:
     a, b = read_set(merged), read_set(whole)
     assert [r[0] for r in a] == [r[0] for r in b]  # same samples, same order
     assert a == b  # same bytes and json
@@ -40,14 +40,16 @@ def assert_same_set(merged: Path, whole: Path) -> None:
     assert sum(s["count"] for s in ia["shards"]) == ia["num_samples"] == len(a)
     assert [r for r in ia["runs"] if "part" in r] == ia["runs"] and len(ia["runs"]) >= ia["merged_from"]["parts"]
     assert (merged / "rejects.jsonl").read_text() == (whole / "rejects.jsonl").read_text()
-    assert not list((merged / "parts").glob("*/shard-*.tar"))  # moved, not copied
+    if moved:
+        assert not list((merged / "parts").glob("*/shard-*.tar"))  # moved, not copied
 
 
-def run_parts(cmd: list[str], out: Path, n: int = 3) -> None:
+def run_parts(cmd: list[str], out: Path, n: int = 3, merge: bool = True) -> None:
     for k in range(n):
         assert main([*cmd, "--out", str(out), "--part", f"{k}/{n}"]) == 0
         assert (out / "parts" / f"part-{k}-of-{n}" / "part.json").is_file()
-    assert main(["merge", str(out)]) == 0
+    if merge:
+        assert main(["merge", str(out)]) == 0
 
 
 def test_part_parsing_and_the_split():
@@ -141,19 +143,34 @@ def test_ingest_in_parts_equals_one_run_and_bad_parts_are_one_line(footage, tmp_
     assert_same_set(fresh, whole)
 
 
-def test_same_bytes_in_two_parts_is_named_by_the_merge(corpus, tmp_path, capsys):
-    """One run rejects the second copy as a duplicate; parts cannot see each other, so the merge
-    refuses and names both parts."""
+def test_same_bytes_in_two_parts_merge_as_one_run_rejects_them(corpus, tmp_path, capsys):
+    """One run keeps the first of two byte-identical files and rejects the second as a
+    duplicate; parts cannot see each other, so the merge does it: the later part's clips are
+    left out (its shard that holds nothing else is dropped, the one shared with other samples
+    is rewritten) and the reject row goes where one run writes it."""
     src = tmp_path / "dup"
     src.mkdir()
-    for name in ("a.mp4", "b.mp4"):
-        shutil.copy(corpus.good / "h264.mp4", src / name)
-        (src / name).with_suffix(".txt").write_text("a square")
-    out = tmp_path / "out"
-    for k in (0, 1):
-        assert main(["ingest", str(src), "--out", str(out), *INGEST, "--part", f"{k}/2"]) == 0
+    files = {"a.mp4": "long.mp4", "m.mp4": "h264.mp4", "x.mp4": "long.mp4", "y.mp4": "mpeg4.avi", "zz.mp4": None}
+    for name, original in files.items():  # parts: [a, m] | [x (= a), y, zz (empty)]
+        (src / name).write_bytes((corpus.good / original).read_bytes() if original else b"")
+        (src / name).with_suffix(".txt").write_text(f"caption of {name}")
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert main(["ingest", str(src), "--out", str(whole), *INGEST]) == 0
+    assert [r["reason"] for r in map(json.loads, (whole / "rejects.jsonl").read_text().splitlines())] == ["duplicate", "empty_file"]
+    run_parts(["ingest", str(src), *INGEST], out, n=2)
+    assert read_index(out / "parts" / "part-1-of-2")["num_samples"] == 4  # x's 3 clips and y: shards [x x] [x y]
+    assert_same_set(out, whole, moved=False)
+    assert read_index(out)["merged_from"]["duplicates_across_parts"] == 1 and len(read_index(out)["shards"]) == 3
+
+    # other tools: a key in two parts is an input given twice; one line naming both parts
+    shapes = tmp_path / "shapes"
+    from sora_train.data.shapes import ShapesWorld, generate_shards
+
+    generate_shards(shapes, num_train=2, num_val=0, world=ShapesWorld(num_frames=9), heldout=[], clips_per_shard=2)
+    twice = ["recaption", str(shapes / "train"), str(shapes / "train"), "--rewriter", "identity"]
+    run_parts(twice, tmp_path / "rc", n=2, merge=False)
     capsys.readouterr()
-    assert main(["merge", str(out)]) == 2
+    assert main(["merge", str(tmp_path / "rc")]) == 2
     err = capsys.readouterr().err.strip()
     assert "is in part 0/2" in err and "and in part 1/2" in err and "\n" not in err
 
