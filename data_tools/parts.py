@@ -21,9 +21,10 @@ and the hash of the whole unit list, so parts made from different inputs or opti
 
 **The merge** checks that parts 0..N-1 of one N are all finished and agree, that no sample key
 is in two parts (ingest: the same bytes under a second name in a later part are left out and
-rejected as `duplicate`, as one run does), then moves (renames: no copy, except a shard rewritten
-without such a duplicate) every part's shards into OUT numbered in part order, writes OUT/done.jsonl (the parts' ledgers, so a later one-machine run into OUT resumes
-it), OUT/rejects.jsonl (the parts' rows, in part order) and, last, OUT/index.json: counts,
+rejected as `duplicate`, as one run does), then moves (renames: no copy, except a shard
+rewritten without such a duplicate) every part's shards into OUT numbered in part order,
+writes OUT/done.jsonl (the parts' ledgers, so a later one-machine run into OUT resumes it),
+OUT/rejects.jsonl (the parts' rows, in part order) and, last, OUT/index.json: counts,
 shape histogram and hours recomputed over all samples, ``runs`` = every part's runs (each with
 its ``part``), ``merged_from``. A killed merge is re-run (``.merge-plan.json`` marks one in
 progress); a finished one is a no-op. Parts keep their part.json and ledger (the shards moved),
