@@ -13,13 +13,13 @@ without Slurm in tests/data_tools/test_parts.py.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from slurm_cluster import REPO
-
-pytestmark = pytest.mark.slurm
 
 TEMPLATE = REPO / "launch" / "sbatch" / "data_array.sbatch"
 INGEST = ["--max-clip-seconds", "2", "--min-clip-seconds", "0.5", "--min-frames", "4", "--shard-size", "2"]
@@ -70,6 +70,15 @@ def assert_same_set(merged: Path, whole: Path) -> None:
     assert (merged / "rejects.jsonl").read_text() == (whole / "rejects.jsonl").read_text()
 
 
+def test_template_refuses_a_tool_outside_an_array_and_unknown_commands():
+    """Before anything runs: the part would be the whole work, or the command is not sora-data's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for args, says in ((["ingest", "footage/", "--out", "x"], "runs as an array job"), (["probe", "x"], "not 'probe'"), ([], "usage:")):
+        r = subprocess.run(["bash", str(TEMPLATE), *args], env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.slurm
 def test_ingest_then_recaption_as_arrays_of_3_tasks_each_merged_by_a_dependent_job(slurm_cluster, tmp_path):
     from sora_train.data.shards import read_index
     from sora_train.data_tools.cli import main
