@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def test_template_refuses_a_tool_outside_an_array_and_unknown_commands():
     for args, says in ((["ingest", "footage/", "--out", "x"], "runs as an array job"), (["probe", "x"], "not 'probe'"), ([], "usage:")):
         r = subprocess.run(["bash", str(TEMPLATE), *args], env=env, capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # one part as a plain job (--part given) passes the check and reaches srun
+    r = subprocess.run([shutil.which("bash"), str(TEMPLATE), "ingest", "footage/", "--out", "x", "--part", "3/32"],
+                       env={**env, "PATH": "/nonexistent"}, capture_output=True, text=True, timeout=30)
+    assert "runs as an array job" not in r.stderr and "srun" in r.stderr, r.stderr
 
 
 @pytest.mark.slurm
