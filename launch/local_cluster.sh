@@ -159,7 +159,7 @@ netns_name() { echo "sora-$NET_ID-$1"; }
 
 # The mode the running cluster was started in: "netns PREFIX" or "loopback".
 net_mode() { [[ -s $NETDIR/mode ]] && cat "$NETDIR/mode" || echo loopback; }
-net_prefix() { local m; m=$(net_mode); [[ $m == netns* ]] && echo "${m#netns }"; }
+net_prefix() { local m; m=$(net_mode); [[ $m != netns* ]] || echo "${m#netns }"; }
 
 # A /24 in 10.128.0.0/10 derived from DIR and not used by any address here yet.
 pick_prefix() {
