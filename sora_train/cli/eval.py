@@ -62,6 +62,8 @@ def _shapes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--data", default=None, help="shapes dataset root whose index.json names the held-out pairs (default: the export's record)")
     p.add_argument("--control-clips", type=int, default=8, help="box control (exports trained with control=boxes): requested paths per kind (curve, zig-zag, stop-and-go)")
+    p.add_argument("--targets", default="quality", choices=["quality", "demo"], help="the bar to check: the shapes recipe's (every mode) or make demo's (seen captions)")
+    p.add_argument("--t2v-only", action="store_true", help="score text-to-video only (no image-to-video, extension, interpolation)")
     p.add_argument("--fast", action="store_true", help="a quick check that everything runs: 2 steps, a few combos and clips")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -69,15 +71,16 @@ def _shapes_args(p: argparse.ArgumentParser) -> None:
 @command("shapes", _shapes_args)
 def shapes(args: argparse.Namespace) -> int:
     """Caption adherence, prompting modes and consistency of a shapes-world DiT, read from pixels."""
-    from sora_train.training.shapes_eval import ShapesEvalSettings, print_table, run_shapes_eval
+    from sora_train.training.shapes_eval import ShapesEvalSettings, one_line, print_table, run_shapes_eval
 
     settings = ShapesEvalSettings(num_per_combo=args.num_per_combo, max_combos=args.max_combos, clips_per_mode=args.clips_per_mode,
                                   steps=args.steps, guidance_scale=args.guidance, shift=args.shift, seed=args.seed, batch_size=args.batch_size, fast=args.fast,
-                                  control_clips=args.control_clips)
+                                  control_clips=args.control_clips, targets=args.targets, modes=not args.t2v_only)
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval_shapes"
     report = run_shapes_eval(args.ckpt, out, settings, data_dir=args.data, progress=not args.no_progress)
     print_table(report)
-    print(f"wrote {out / 'report.json'}")
+    print(f"wrote {out / 'report.json'} and {out / 'samples.png'}")
+    print(one_line(report))
     return 0
 
 

@@ -221,6 +221,28 @@ def test_fast_eval_writes_a_complete_report(fast_report):
             img.load()
             assert img.size[0] > 100 and img.size[1] > 50, name
     assert "targets" in stdout and "held-out joint accuracy" in stdout
+    last = stdout.strip().splitlines()[-1]  # the one-line result, last
+    assert last.startswith("shapes eval (step ") and "quality targets met" in last
+
+
+def test_demo_targets_t2v_only(fast_report):
+    """make demo's bar: text-to-video on seen captions only — no prompting modes are generated,
+    their targets are left out (not failed), and the one-line result names the preset."""
+    out, _ = fast_report
+    export = next(out.parent.glob("**/export"))
+    demo_out = out.parent / "eval_demo"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    p = subprocess.run([str(BIN / "sora-eval"), "shapes", "--ckpt", str(export), "--out", str(demo_out), "--fast", "--no-progress",
+                        "--targets", "demo", "--t2v-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((demo_out / "report.json").read_text())
+    assert set(report["targets"]) == set(se.DEMO_TARGETS)
+    assert not ({"i2v", "extend", "interpolate", "modes"} & set(report)) and "modes_s" not in report["timings"]
+    assert report["settings"]["targets"] == "demo" and report["settings"]["modes"] is False
+    last = p.stdout.strip().splitlines()[-1]
+    assert "seen colour" in last and "demo targets met" in last and f"/{len(se.DEMO_TARGETS)}" in last
+    with pytest.raises(se.SoraError, match="targets='best'"):
+        se.ShapesEvalSettings(targets="best")
 
 
 def test_bad_checkpoint_is_one_line_error(tmp_path, capsys):
