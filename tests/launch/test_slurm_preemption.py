@@ -159,6 +159,7 @@ def test_sbatch_time_limit_signal_saves_the_step_requeues_and_resumes(sbatch_job
     assert len(runs) == 3, log[-6000:]
     m = re.search(r"SIGUSR1: saved the checkpoint of step (\d+) \((\S+)\); requeueing the job", runs[0])
     assert m, runs[0][-4000:]
+    assert runs[0].count(m.group(0)) == 2, runs[0][-4000:]  # both ranks took part in the save
     step = int(m.group(1))
     assert 1 <= step <= 3 and m.group(2) == str(run_dir / "checkpoints" / f"step={step:08d}.ckpt")
     assert f"SIGUSR1: requeued Slurm job {sbatch_job['job']}" in runs[0]
@@ -196,9 +197,9 @@ def test_submitit_signal_saves_the_step_requeues_and_resumes_exactly(slurm_clust
         cwd=tmp_path, env=_job_env(slurm_cluster, smoke_data), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 
-    def job_logs() -> str:
+    def job_logs(tail: int = 2500) -> str:
         files = sorted((sweep / ".submitit").glob("*/*_log.*")) if (sweep / ".submitit").is_dir() else []
-        return "\n".join(f"----- {f.name}\n{f.read_text(errors='replace')[-2500:]}" for f in files) + "\n" + (tmp_path / "submit.log").read_text()[-2000:]
+        return "\n".join(f"----- {f.name}\n{f.read_text(errors='replace')[-tail:]}" for f in files) + "\n" + (tmp_path / "submit.log").read_text()[-tail:]
 
     try:
         _wait_for(lambda: all((markers / f"hold-r0-rank{r}").exists() for r in (0, 1)), TIMEOUT, "the trial to hold step 3", job_logs)
@@ -213,10 +214,11 @@ def test_submitit_signal_saves_the_step_requeues_and_resumes_exactly(slurm_clust
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    logs = job_logs()
-    assert rc == 0, logs
+    logs = job_logs(tail=10**6)
+    assert rc == 0, job_logs()
     run_dir = sweep / "0"
-    assert "SIGUSR2: saved the checkpoint of step 3" in logs and "Caught signal SIGUSR2" in logs, logs
+    assert logs.count("SIGUSR2: saved the checkpoint of step 3") == 2, job_logs()  # rank 0 and rank 1
+    assert "Caught signal SIGUSR2" in logs, job_logs()  # then submitit's handler requeued
     assert f"resuming from {run_dir}/checkpoints/step={3:08d}.ckpt" in logs, logs
     assert slurm_cluster.job(job).get("Restarts") == "1"
     _assert_same_losses(_history(run_dir), reference())

@@ -115,3 +115,14 @@ def test_resume_auto_rule(tmp_path):
         find_resume_checkpoint("auto", tmp_path)
     assert "\n" not in str(e.value)
     assert find_resume_checkpoint(str(tmp_path / "hpc_ckpt_10.ckpt"), tmp_path) == str(tmp_path / "hpc_ckpt_10.ckpt")  # explicitly: yes
+
+
+def test_signal_in_the_last_step_ends_the_run_as_usual(tmp_path, clean_signals):
+    calls: list[int] = []
+    signal.signal(signal.SIGUSR1, lambda sig, frame: calls.append(sig))
+    policy = CheckpointPolicy(dirpath=str(tmp_path / "checkpoints"), every_n_steps=100, keep_last=3)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, callbacks=[policy], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(_Tiny(3, signal.SIGUSR1), _loader())  # no requeue of a finished run
+    assert trainer.global_step == 3 and calls == []
+    assert (tmp_path / "checkpoints" / "step=00000003.ckpt").is_file()

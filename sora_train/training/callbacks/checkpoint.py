@@ -167,13 +167,15 @@ class CheckpointPolicy(ModelCheckpoint):
         if (sigterm or time_due or requeue) and self._last_global_step_saved != trainer.global_step:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        if requeue:
+        if requeue and 0 < trainer.max_steps <= trainer.global_step:
+            log.warning("%s: the last step is done; the run ends as usual, not requeued", signal.Signals(requeue).name)
+        elif requeue:
             path = self.best_model_path or None
             name = signal.Signals(requeue).name
             log.warning("%s: saved the checkpoint of step %d (%s); requeueing the job", name, trainer.global_step, path)
             self._restore_handler()
-            done = preemption.hand_over(requeue, trainer.global_rank)
-            log.warning("%s: %s; exiting with status %d, the requeued job continues with resume=auto", name, done, PREEMPTED_EXIT_CODE)
+            done = preemption.hand_over(requeue, trainer.global_rank)  # submitit's handler exits here on rank 0
+            log.warning("%s: %s; exiting with status %d (resume=auto continues from step %d)", name, done, PREEMPTED_EXIT_CODE, trainer.global_step)
             raise Preempted(trainer.global_step, path, trainer.global_rank)
         if sigterm:
             path = self.best_model_path or None  # top-k by step: the newest
