@@ -155,6 +155,7 @@ def test_sora_sample_bad_boxes_are_one_line_errors(box_export, tmp_path, boxes, 
     assert len(err) == 1 and needle in err[0] and f"--boxes {path}" in err[0] and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_fast_recipe_trains_samples_and_scores_box_control(tmp_path):
     """The fast version of launch/boxes_quality.sh: a few steps of control=boxes on varied
     shapes clips, then sora-sample --boxes (metadata records the boxes) and sora-eval shapes
