@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sora_train.data.boxes import collate_boxes, latent_frame_groups, load_boxes, parse_boxes, rasterise_boxes
-from sora_train.data.shapes import AttributeReader, ShapesWorld, boxes_json
+from sora_train.data.shapes import SHAPES, AttributeReader, ShapesWorld, boxes_json, centroid_offset, half_extent
 from sora_train.utils.errors import SoraError
 
 
@@ -113,3 +113,25 @@ def test_crop_moves_boxes_with_the_frame():
     c = b.cropped(32, 64, 0, 16, 32, 32)
     np.testing.assert_allclose(c.objects[0].boxes[0], (0.5, 0.25, 1.0, 0.5))
     assert b.cropped(32, 64, 0, 0, 32, 8).objects == ()  # box entirely outside the crop: dropped
+
+
+def test_loader_batches_carry_boxes_that_match_the_decoded_frames(tmp_path):
+    """Through the real loader (random clip start at a lower frame count, shard decode): each
+    sample's boxes hold the object the reader finds in the frames the loader chose."""
+    from sora_train.data.buckets import BucketTable
+    from sora_train.data.dataset import ShardVideoDataset
+    from sora_train.data.shapes import generate_shards
+
+    world = ShapesWorld(motion="varied")
+    generate_shards(tmp_path, 8, 0, world=world, heldout=[])
+    ds = ShardVideoDataset(str(tmp_path / "train"), BucketTable([{"num_frames": 9, "height": 32, "width": 32, "batch_size": 4}]), train=True)
+    batch = next(iter(ds))
+    reader = AttributeReader(world)
+    assert batch["boxes"].shape == (4, 1, 9, 4) and batch["box_valid"].all()
+    for b in range(4):
+        shape = next(w for w in batch["caption"][b].split() if w in SHAPES)
+        cen = reader.read(batch["video"][b].numpy())["centroids"]  # (9, 2) px
+        box = batch["boxes"][b, 0].numpy().astype(np.float64) * 32  # (9, 4) px
+        radius = (box[:, 2] - box[:, 0]) / (2 * half_extent(shape, 1.0)[0])  # (9,)
+        want = np.stack([(box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2 + centroid_offset(shape, 1.0)[1] * radius], 1)
+        assert np.abs(cen - want).max() < 0.75, (shape, cen - want)  # a frame off would be ~1 px or more
