@@ -183,7 +183,7 @@ def prepare_resume(ckpt: str | None, trainer: Any) -> str | None:
     world = int(trainer.world_size)
     if saved == world:
         return ckpt
-    log.warning("resume=%s was saved on %d ranks and this run has %d: elastic resume through a universal checkpoint", ckpt, saved, world)
+    log.warning("resume=%s was saved on %d rank(s) and this run has %d: elastic resume through a universal checkpoint", ckpt, saved, world)
     out = universal_checkpoint(ckpt)
     strategy.config.setdefault("checkpoint", {})["load_universal"] = True
     return str(out)

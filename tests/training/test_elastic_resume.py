@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,33 +136,62 @@ def test_what_cannot_be_converted_is_one_line(tmp_path):
 
 STRATEGIES = ("ddp", "deepspeed_stage_2", "deepspeed_stage_3")
 TIMEOUT = 300
-SAVED_AT, RESUMED_TO = 2, 3
+SAVED_AT, RESUMED_TO, GROWN_TO = 2, 3, 4
+GROWN = ("ddp", "deepspeed_stage_3")
+HERE = Path(__file__).resolve().parent
+
+
+def _launch(out: Path, cells: list[tuple[str, str]], ranks: int, log: Path) -> str:
+    """matrix_driver.py on ``ranks`` gloo ranks (torchrun's environment): each cell is one
+    sora-train run, ``train(cfg)`` as the CLI calls it; torch, Lightning and DeepSpeed start once
+    per launch, not once per run (start-up is most of a debug run's time on two shared cores)."""
+    import subprocess
+    import sys
+
+    from cli_runs import base_env
+
+    env = base_env()
+    args = [sys.executable, str(HERE / "matrix_driver.py"), "--out", str(out)]
+    for name, overrides in cells:
+        args += ["--cell", name, overrides]
+    procs = []
+    with open(log, "w") as f:
+        for rank in range(ranks):
+            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks), "NODE_RANK": "0"}
+            procs.append(subprocess.Popen(args, cwd=HERE, env=rank_env, stdout=f if rank == 0 else subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        try:
+            for proc in procs:
+                proc.wait(timeout=TIMEOUT)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    text = log.read_text(errors="replace")
+    for name, _ in cells:
+        if f"[matrix] rank 0 cell {name}: ok" not in text:
+            pytest.fail(f"{name} on {ranks} rank(s) failed:\n{text[-6000:]}")
+    return text
 
 
 @pytest.fixture(scope="module")
 def elastic_runs(tmp_path_factory):
     """Each strategy: 2 ranks train 2 steps (checkpoint at 2), then 1 rank resumes it (resume=auto)
-    and trains step 3. The strategies run side by side."""
+    and trains step 3; then 2 ranks resume DDP's and ZeRO-3's and train step 4 (ZeRO-2 grows through
+    the same conversion; left out for time)."""
     pytest.importorskip("deepspeed")
-    from cli_runs import Run, base_env, smoke_data_dir, sora
+    from cli_runs import smoke_data_dir
 
     data = smoke_data_dir(tmp_path_factory)
-    base = tmp_path_factory.mktemp("elastic")
-    common = ["experiment=smoke", f"paths.data_dir={data}", "trainer.accelerator=cpu", "data.num_workers=0", "callbacks.samples=null",
-              "export=false", f"callbacks.checkpoint.every_n_steps={SAVED_AT}", "callbacks.checkpoint.keep_last=10"]
-    dirs = {s: base / s for s in STRATEGIES}
-    try:
-        first = [Run(sora("sora-train", *common, f"strategy={s}", f"hydra.run.dir={dirs[s]}", "trainer.devices=2",
-                          f"trainer.max_steps={SAVED_AT}"), base / f"{s}_2ranks.log", env=base_env()) for s in STRATEGIES]
-        for r in first:
-            r.ok(TIMEOUT)
-        second = {s: Run(sora("sora-train", *common, f"strategy={s}", f"hydra.run.dir={dirs[s]}", "trainer.devices=1",
-                              f"trainer.max_steps={RESUMED_TO}", "resume=auto"), base / f"{s}_1rank.log", env=base_env()) for s in STRATEGIES}
-        for r in second.values():
-            r.ok(TIMEOUT)
-    finally:
-        Run.kill_all()
-    return {"dirs": dirs, "logs": {s: r.output() for s, r in second.items()}}
+    out = tmp_path_factory.mktemp("elastic")
+    common = (f"experiment=smoke paths.data_dir={data} trainer.accelerator=cpu data.num_workers=0 callbacks.samples=null export=false "
+              f"callbacks.checkpoint.every_n_steps={SAVED_AT} callbacks.checkpoint.keep_last=10")
+    _launch(out, [(s, f"{common} strategy={s} trainer.devices=2 trainer.max_steps={SAVED_AT}") for s in STRATEGIES], 2, out / "2ranks.log")
+    log = _launch(out, [(s, f"{common} strategy={s} trainer.devices=1 trainer.max_steps={RESUMED_TO} resume=auto") for s in STRATEGIES], 1,
+                  out / "1rank.log")
+    grown = _launch(out, [(s, f"{common} strategy={s} trainer.devices=2 trainer.max_steps={GROWN_TO} resume=auto") for s in GROWN], 2,
+                    out / "2ranks_again.log")
+    return {"dirs": {s: out / s for s in STRATEGIES}, "log": log, "grown_log": grown}
 
 
 def _ckpt(run_dir, step: int):
@@ -176,13 +206,19 @@ def test_two_ranks_resume_on_one(elastic_runs):
 
     from sora_train.parallel.consolidate import read_checkpoint_weights
 
-    dirs, logs = elastic_runs["dirs"], elastic_runs["logs"]
+    from sora_train.parallel.consolidate import _safe_load  # weights_only, as test_multiprocess reads them
+
+    dirs, log = elastic_runs["dirs"], elastic_runs["log"]
+    assert log.count("elastic resume through a universal checkpoint") == 2, log[-4000:]  # ZeRO-2 and ZeRO-3, not DDP
     for s in STRATEGIES:
         zero = s.startswith("deepspeed")
-        assert ("elastic resume through a universal checkpoint" in logs[s]) == zero, logs[s][-3000:]
         assert (_ckpt(dirs[s], SAVED_AT).parent / f"step={SAVED_AT:08d}.ckpt.universal").is_dir() == zero
-        assert "data position: saved with 2 rank(s) x 1 worker(s), resumed with 1 x 1; going on from global batch 2" in logs[s]
-        assert sorted(history(dirs[s])) == list(range(1, RESUMED_TO + 1))  # one curve across the change
+        assert sorted(history(dirs[s]))[:RESUMED_TO] == list(range(1, RESUMED_TO + 1))  # one curve across the change
+        # The data position went through the elastic mapping, and the resumed run records it.
+        ckpt = _ckpt(dirs[s], RESUMED_TO)
+        saved = _safe_load(next((ckpt / "checkpoint").glob("*model_states.pt")), deepspeed_shard=True) if zero else _safe_load(ckpt)
+        layout = saved["VideoDataModule"]["layout"]
+        assert (layout["world"], layout["start"], layout["origin"]["world"]) == (1, SAVED_AT, 2), layout
     # Same weights and the same batch after the resume: the same loss at step 3 (ZeRO's loaded
     # weights are DDP's). The weights after step 3's update are equal too, which needs Adam's
     # moments and step count at the save to have come through the conversion.
@@ -220,3 +256,55 @@ def test_adam_state_is_the_consolidated_one(elastic_runs):
             got = float(state[m].double().norm())  # the flat partition; padding is zero
             assert math.isclose(got, want, rel_tol=1e-4), (s, m, got, want)
         assert torch.isfinite(state["exp_avg"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ranks_starting_together_convert_once(elastic_runs, tmp_path):
+    """Under torchrun or srun every rank reaches the conversion at once: one converts, the others
+    wait for its rename and read the same copy."""
+    import shutil
+    import threading
+
+    from sora_train.training.elastic import universal_checkpoint
+
+    src = tmp_path / f"step={SAVED_AT:08d}.ckpt"
+    shutil.copytree(_ckpt(elastic_runs["dirs"]["deepspeed_stage_3"], SAVED_AT), src)
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(universal_checkpoint(src, wait_s=60))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(got) == 3 and len(set(got)) == 1
+    out = got[0]
+    assert (out / "latest").read_text() == "checkpoint" and (out / "latest_universal").read_text() == "checkpoint"
+    assert (out / "checkpoint" / "zero" / "optimizer_state.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, out.name])  # no lock or .partial left
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_one_rank_resumes_on_two(elastic_runs):
+    """And back: the 1-rank checkpoints continue on 2 ranks (ZeRO-3 converts again), with the same
+    loss and weights after step 4 as DDP."""
+    import torch
+    from cli_runs import history
+
+    from sora_train.parallel.consolidate import read_checkpoint_weights
+
+    dirs = elastic_runs["dirs"]
+    grown_log = elastic_runs["grown_log"]  # rank 0's output
+    assert grown_log.count("elastic resume through a universal checkpoint") == 1  # ZeRO-3
+    assert grown_log.count("data position: saved with 1 rank(s) x 1 worker(s), resumed with 2 x 1") == len(GROWN)
+    ddp_loss = history(dirs["ddp"])
+    assert sorted(ddp_loss) == list(range(1, GROWN_TO + 1))
+    ddp_w, _ = read_checkpoint_weights(_ckpt(dirs["ddp"], GROWN_TO))
+    for s in GROWN[1:]:
+        assert (_ckpt(dirs[s], RESUMED_TO).parent / f"step={RESUMED_TO:08d}.ckpt.universal").is_dir()
+        loss = history(dirs[s])
+        assert math.isclose(loss[GROWN_TO], ddp_loss[GROWN_TO], rel_tol=1e-4), (s, loss, ddp_loss)
+        w, meta = read_checkpoint_weights(_ckpt(dirs[s], GROWN_TO))
+        assert meta["world_size"] == 2
+        trained = [k for k in ddp_w if k.startswith("dit.")]
+        assert all(torch.allclose(w[k].detach().float(), ddp_w[k].detach().float(), rtol=1e-4, atol=1e-6) for k in trained), s
