@@ -102,6 +102,9 @@ def _close_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # Rank 0 ends later (plots, export); a rank that exits first closes its gloo connections
+        # under it ("Connection closed by peer" on rank 0, seen under srun on two nodes).
+        dist.barrier()
         dist.destroy_process_group()
 
 
