@@ -81,6 +81,7 @@ def reference(smoke_data, tmp_path_factory):
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")  # fmt: skip
     log = open(run_dir.parent / "ref.log", "w")
+    start = time.monotonic()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "sora-train"), *COMMON, "trainer.accelerator=cpu", "trainer.devices=2",
          f"paths.data_dir={smoke_data}", f"hydra.run.dir={run_dir}"],
@@ -97,6 +98,7 @@ def reference(smoke_data, tmp_path_factory):
                 raise AssertionError(f"reference run timed out:\n{(run_dir.parent / 'ref.log').read_text()[-4000:]}") from None
             assert rc == 0, f"reference run failed ({rc}):\n{(run_dir.parent / 'ref.log').read_text()[-4000:]}"
             done.update(_history(run_dir))
+            print(f"reference: done {time.monotonic() - start:.0f} s after its start")
         return done
 
     yield history
@@ -116,6 +118,7 @@ def sbatch_job(slurm_cluster, smoke_data, reference, tmp_path_factory):
     base = tmp_path_factory.mktemp("preempt_sbatch")
     markers = base / "markers"
     markers.mkdir()
+    t0 = time.monotonic()
     job = slurm_cluster.sbatch(
         "-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=2", "--signal=USR1@90", f"--chdir={base}",
         str(REPO / "launch" / "sbatch" / "train.sbatch"), *COMMON, *_hold(markers, hold_at=[3, 5], torn_save_on=1),
@@ -130,6 +133,7 @@ def sbatch_job(slurm_cluster, smoke_data, reference, tmp_path_factory):
     try:
         # Run 0: Slurm's own time-limit signal (about 30 s in); the policy saves and requeues.
         slurm_cluster.release_requeued(job, timeout=TIMEOUT, restarts=1)
+        t1 = time.monotonic()
         after_run0 = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         # Run 1: held at step 5 until our USR1; its save of step 5 hangs half-written.
         _wait_for(lambda: all((markers / f"hold-r1-rank{r}").exists() for r in (0, 1)), TIMEOUT, "run 1 to hold step 5", output)
@@ -140,7 +144,9 @@ def sbatch_job(slurm_cluster, smoke_data, reference, tmp_path_factory):
         time.sleep(1.0)
         os.kill(int((markers / "torn-r1").read_text()), signal.SIGKILL)  # what KillWait would do, 30 s later
         slurm_cluster.release_requeued(job, timeout=TIMEOUT, restarts=2)
+        t2 = time.monotonic()
         info = slurm_cluster.wait(job, timeout=TIMEOUT)
+        print(f"sbatch job {job}: run 0 {t1 - t0:.0f} s, run 1 {t2 - t1:.0f} s, run 2 {time.monotonic() - t2:.0f} s")  # pytest -rP
     except AssertionError as e:
         slurm_cluster.run("scancel", job, check=False)
         raise AssertionError(f"{e}\n{output()}") from None
@@ -191,6 +197,7 @@ def test_submitit_signal_saves_the_step_requeues_and_resumes_exactly(slurm_clust
     markers.mkdir()
     sweep = tmp_path / "sweep"
     log = open(tmp_path / "submit.log", "w")
+    t0 = time.monotonic()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "sora-train"), "-m", *COMMON, "launcher=slurm_cpu", "hydra.launcher.partition=debug",
          "hydra.launcher.nodes=2", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}", *_hold(markers, hold_at=[3])],
@@ -205,8 +212,11 @@ def test_submitit_signal_saves_the_step_requeues_and_resumes_exactly(slurm_clust
         _wait_for(lambda: all((markers / f"hold-r0-rank{r}").exists() for r in (0, 1)), TIMEOUT, "the trial to hold step 3", job_logs)
         job = next(p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit())
         slurm_cluster.run("scancel", "-s", "USR2", job)
+        t1 = time.monotonic()
         slurm_cluster.release_requeued(job, timeout=TIMEOUT)
+        t2 = time.monotonic()
         rc = proc.wait(timeout=TIMEOUT)
+        print(f"submitit job {job}: to step 3 {t1 - t0:.0f} s, save + requeue {t2 - t1:.0f} s, run 1 {time.monotonic() - t2:.0f} s")
     except (AssertionError, subprocess.TimeoutExpired) as e:
         raise AssertionError(f"{e}\n{job_logs()}") from None
     finally:
