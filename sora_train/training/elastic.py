@@ -90,6 +90,10 @@ def universal_checkpoint(ckpt: str | os.PathLike, wait_s: float = CONVERT_WAIT_S
         try:
             lock.mkdir()
         except FileExistsError:
+            if _stale(lock):
+                log.warning("removing %s: the process that held it is gone", lock)
+                shutil.rmtree(lock, ignore_errors=True)
+                continue
             if time.monotonic() > deadline:
                 owner = (lock / "owner").read_text().strip() if (lock / "owner").is_file() else "unknown"
                 raise SoraError(
@@ -105,6 +109,24 @@ def universal_checkpoint(ckpt: str | os.PathLike, wait_s: float = CONVERT_WAIT_S
         finally:
             shutil.rmtree(lock, ignore_errors=True)
     return out
+
+
+def _stale(lock: Path) -> bool:
+    """A lock whose owner ran on this host and has exited (killed during a conversion). An owner
+    on another host cannot be checked from here: its lock is waited for."""
+    try:
+        host, _, pid = (lock / "owner").read_text().split()
+    except (OSError, ValueError):
+        return False  # not written yet, or already removed
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
 
 
 def _convert(src: Path, tag_dir: Path, out: Path) -> None:

@@ -282,6 +282,18 @@ def test_ranks_starting_together_convert_once(elastic_runs, tmp_path):
     assert (out / "checkpoint" / "zero" / "optimizer_state.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, out.name])  # no lock or .partial left
 
+    # A lock left by a process killed during its conversion (same host, pid gone) is taken over.
+    import socket
+    import subprocess
+    import sys
+
+    shutil.rmtree(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    lock = tmp_path / f"{out.name}.lock"
+    lock.mkdir()
+    (lock / "owner").write_text(f"{socket.gethostname()} pid {int(dead.stdout)}\n")
+    assert universal_checkpoint(src, wait_s=30) == out and out.is_dir() and not lock.exists()
+
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
