@@ -21,6 +21,11 @@ rank. Exact resume therefore needs, per worker, the index of the next batch it h
 delivered; each worker replays the batches before it from metadata alone (nothing is
 decoded while replaying) and goes on. A sample found corrupt at decode time before the
 checkpoint is replayed as if good, so the batch it was in may differ by that one sample.
+
+Elastic resume (another number of data-parallel ranks or workers than the checkpoint's): the
+stream gets a new *layout* (``ShardVideoDataset.consumed_before``): the global batch index goes
+on, and the pass in progress is finished with exactly the samples no old consumer had consumed,
+split by sample over the new consumers.
 """
 
 from __future__ import annotations
@@ -485,6 +490,8 @@ class ShardVideoDataset(IterableDataset):
                     if newest >= 0:
                         last_pass.append(newest)
             first_open = min(last_pass) if last_pass else inherited_open
+            # Passes every old consumer had moved past are not served again: their keys can go.
+            consumed = {e: keys for e, keys in consumed.items() if e >= first_open}
         self._consumed_cache = (ident, (consumed, first_open))
         return consumed, first_open
 

@@ -94,6 +94,17 @@ def test_data_position_covers_the_pass_once(monkeypatch, shard_dir, before, afte
     assert state["next_index"] and min(int(v) for v in state["next_index"].values()) == steps_before
 
 
+def test_data_position_survives_a_second_change(monkeypatch, shard_dir):
+    """2 ranks -> 1 -> 2 within one pass: the checkpoint of the 1-rank run records its layout and
+    the one before it, so the third run still serves each sample of the pass once."""
+    first, state = _run(monkeypatch, shard_dir, 2, 0, 2)  # 16 samples
+    second, state = _run(monkeypatch, shard_dir, 1, 0, 2, state)  # 8 more
+    assert state["layout"]["origin"]["world"] == 2 and state["world"] == 1
+    third, _ = _run(monkeypatch, shard_dir, 2, 0, 2, state)  # the last 16
+    keys = [k for run in (first, second, third) for rank in run for step in rank for k in step]
+    assert sorted(keys) == [f"vid{i:03d}" for i in range(NUM_SAMPLES)]
+
+
 # --------------------------------------------------------------------------- what cannot be converted
 
 
