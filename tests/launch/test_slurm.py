@@ -20,6 +20,10 @@ launch/install_system_deps.sh.
   - requeue, the submitit way: a time-limit SIGUSR2 reaches submitit, which checkpoints the
     callable and requeues; the next run continues from the saved state.
 
+The two requeue tests are toys (a tiny Lightning script, a counter) that pin down what Slurm and
+submitit do; sora-train handles the signals its own way (every rank saves the step, then the job
+is requeued), checked in test_slurm_preemption.py.
+
 Every wait is bounded; a failing test prints the job's output and the daemon logs.
 """
 
