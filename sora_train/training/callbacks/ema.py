@@ -88,7 +88,7 @@ class EMA(pl.Callback):
             # ZeRO-3: each rank's partition lives in ds_tensor (the truth that checkpoints,
             # gathers and the next step read).
             self._lerp(str(i), e.ds_tensor, p.ds_tensor, w)
-            if _gathered(e):  # a persistent parameter's full copy, re-gathered only after the next step
+            if _gathered(e) and not _shares_partition(e):  # a persistent parameter's full copy, re-gathered only after the next step
                 if _gathered(p):
                     self._lerp(f"{i}.full", e.data, p.data, w)
                 else:
@@ -107,6 +107,12 @@ class EMA(pl.Callback):
         # The EMA module must exist before the state dict with "ema.*" keys is loaded.
         if getattr(pl_module, "ema", None) is None:
             self.setup(trainer, pl_module, "fit")
+
+
+def _shares_partition(param: torch.Tensor) -> bool:
+    """ZeRO-3 on one rank: the full tensor is the partition itself (same storage), so averaging
+    both would apply the step twice."""
+    return param.data.untyped_storage().data_ptr() == param.ds_tensor.untyped_storage().data_ptr()  # type: ignore[attr-defined]
 
 
 def _gathered(param: torch.Tensor) -> bool:
