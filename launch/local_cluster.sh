@@ -24,7 +24,8 @@
 #             daemon host, joined to it by a veth pair: soractl = 10.A.B.10 (slurmctld),
 #             node1 = 10.A.B.11, node2 = 10.A.B.12; each daemon in its own mount + UTS
 #             namespace too, so that its host name is its own and its /etc/hosts
-#             (DIR/net/hosts, bind-mounted) resolves soractl, node1, node2. Commands on the
+#             (DIR/net/hosts, bind-mounted) resolves soractl, node1, node2 (and no DNS is
+#             asked: DIR/net/resolv.conf names no server). Commands on the
 #             host (sbatch, squeue) reach slurmctld over the bridge. Jobs inherit all of it: the master address
 #             comes from SLURM_NODELIST and gloo traffic crosses the (virtual) network, as on
 #             a real cluster. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and iproute2. A.B is
@@ -201,7 +202,12 @@ netns_up() {
       ip addr add "$pfx.1/24" dev "$BRIDGE" &&
       ip link set "$BRIDGE" up
   } 2>"$NETDIR/err" || { err=$(head -c 200 "$NETDIR/err"); netns_down; echo "cannot create a bridge: $err"; return 1; }
-  printf '127.0.0.1 localhost\n' >"$NETDIR/hosts"
+  printf '127.0.0.1 localhost\n%s.1 sorabridge\n' "$pfx" >"$NETDIR/hosts"
+  # No DNS inside the namespaces: the host's nameservers are not reachable from them, and a
+  # name or address not in the hosts file (torch's c10d looks its peers up) would wait for a
+  # DNS timeout, twice, at every start. With no nameserver, glibc asks 127.0.0.1, which
+  # refuses at once.
+  printf '# local test cluster: no DNS, names come from %s/hosts\noptions timeout:1 attempts:1\n' "$NETDIR" >"$NETDIR/resolv.conf"
   for m in "${MEMBERS[@]}"; do
     IFS=: read -r name host_name octet <<<"$m"
     ns=$(netns_name "$name")
@@ -237,7 +243,7 @@ member_cmd() {
   if [[ $(net_mode) == netns* ]]; then
     for m in "${MEMBERS[@]}"; do [[ ${m%%:*} == "$name" ]] && { host_name=${m#*:}; host_name=${host_name%%:*}; }; done
     printf '%s\0' nsenter --net=/run/netns/"$(netns_name "$name")" unshare --mount --uts -- sh -c \
-      "mount --bind '$NETDIR/hosts' /etc/hosts && hostname $host_name && exec \"\$0\" \"\$@\"" "$@"
+      "mount --bind '$NETDIR/hosts' /etc/hosts && mount --bind '$NETDIR/resolv.conf' /etc/resolv.conf && hostname $host_name && exec \"\$0\" \"\$@\"" "$@"
   else
     printf '%s\0' "$@"
   fi
