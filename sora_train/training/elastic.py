@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import lightning.pytorch as pl
 import torch
 
 from sora_train.utils.errors import SoraError
@@ -208,7 +209,38 @@ def prepare_resume(ckpt: str | None, trainer: Any) -> str | None:
     log.warning("resume=%s was saved on %d rank(s) and this run has %d: elastic resume through a universal checkpoint", ckpt, saved, world)
     out = universal_checkpoint(ckpt)
     strategy.config.setdefault("checkpoint", {})["load_universal"] = True
+    trainer.callbacks.append(RestoreFrozen(ckpt))
     return str(out)
+
+
+class RestoreFrozen(pl.Callback):
+    """Puts back what DeepSpeed's universal load leaves out: it restores the parameters the
+    optimizer holds (from the converted fp32 copies) and skips the module state dict, so frozen
+    parameters - the EMA copy of the DiT - and buffers would keep their initial values. They are
+    read from the original checkpoint (merged by DeepSpeed's zero_to_fp32, weights-only, as
+    ``sora-export`` reads it) when training starts, after Lightning's restore; under ZeRO-3 each
+    is gathered, set on rank 0 and partitioned again (a collective: every rank runs this hook)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    @torch.no_grad()
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from sora_train.parallel.consolidate import read_checkpoint_weights
+
+        state, _ = read_checkpoint_weights(self.source)
+        frozen = [(n, p) for n, p in pl_module.named_parameters() if not p.requires_grad and n in state]
+        buffers = [(n, b) for n, b in pl_module.named_buffers() if n in state]
+        for name, param in frozen:
+            value = state[name]
+            if hasattr(param, "ds_tensor"):
+                _set_zero3_param(param, value)
+            else:
+                param.data.copy_(value.reshape(param.data.shape))
+        for name, buf in buffers:
+            buf.copy_(state[name].reshape(buf.shape))
+        del state
+        log.info("elastic resume: restored %d frozen parameter(s) (the EMA) and %d buffer(s) from %s", len(frozen), len(buffers), self.source)
 
 
 def remove_orphaned_conversions(ckpt_dir: str | os.PathLike) -> None:
@@ -218,3 +250,23 @@ def remove_orphaned_conversions(ckpt_dir: str | os.PathLike) -> None:
         if not conv.with_name(conv.name[: -len(UNIVERSAL_SUFFIX)]).exists():
             log.info("removing %s: its checkpoint is gone", conv)
             shutil.rmtree(conv, ignore_errors=True)
+
+
+def _set_zero3_param(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Set a ZeRO-3 parameter to the full tensor ``value``: this rank's slice of the flattened
+    tensor goes into its partition (``ds_tensor``: rank r holds elements [r*n, (r+1)*n), zero
+    padded - DeepSpeed's layout), and a full copy ZeRO-3 keeps materialised (a "persistent"
+    parameter) is set too. Rank-local: no collective."""
+    import torch.distributed as dist
+
+    part = param.ds_tensor  # type: ignore[attr-defined]
+    group = getattr(param, "ds_process_group", None)
+    rank = dist.get_rank(group=group) if dist.is_available() and dist.is_initialized() else 0
+    flat = value.reshape(-1).to(device=part.device, dtype=part.dtype)
+    n = part.numel()
+    start = n * rank
+    take = max(0, min(n, flat.numel() - start))
+    part.data.zero_()
+    part.data.view(-1)[:take].copy_(flat[start : start + take])
+    if param.data.numel() == value.numel():  # materialised full copy
+        param.data.copy_(value.reshape(param.data.shape))
