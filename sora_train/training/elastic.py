@@ -9,14 +9,17 @@ What changes with the world size, and what happens to each:
   ``ds_to_universal`` into a sibling folder ``step=N.ckpt.universal/`` (written under
   ``.partial``, renamed when complete; a later resume reuses it), and loaded with DeepSpeed's
   ``checkpoint.load_universal``. Every shard is read with ``torch.load(weights_only=True)``
-  (DeepSpeed's plain data classes allowed by name), as ``sora-export`` reads them.
+  (DeepSpeed's plain data classes allowed by name), as ``sora-export`` reads them. The universal
+  load restores only what the optimizer holds; ``RestoreFrozen`` puts the frozen parameters (the
+  EMA) and buffers back from the original checkpoint.
 - **DDP checkpoints** hold full weights and optimizer state: nothing to convert.
 - **Data position**: ``VideoDataModule`` maps it (``data/dataset.py``, "Elastic resume"): no
   sample of the interrupted epoch is seen twice or skipped.
 - **Random state**: per rank; with another rank count the ranks are reseeded
   (``callbacks/rng.py`` warns), so draws after the resume differ from an uninterrupted run.
 
-Same world size: nothing here runs; the checkpoint is loaded as it is.
+Same world size: the checkpoint is loaded as it is (only universal copies whose checkpoint
+``keep_last`` has deleted are removed).
 """
 
 from __future__ import annotations
