@@ -44,6 +44,7 @@ log = get_logger(__name__)
 
 UNIVERSAL_SUFFIX = ".universal"  # not ".ckpt": resume=auto never picks the converted copy itself
 _LOCK_SUFFIX = ".lock"
+SOURCE_FILE = "converted_from.txt"  # in the copy: the shards it was made from (see _identity)
 # Another process converts: how long to wait for it (a 1B-parameter checkpoint takes minutes).
 CONVERT_WAIT_S = 3600.0
 
@@ -89,8 +90,9 @@ def universal_checkpoint(ckpt: str | os.PathLike, wait_s: float = CONVERT_WAIT_S
         raise SoraError(f"resume={src}: not a DeepSpeed ZeRO checkpoint directory (no 'latest' naming a tag folder)")
     out = src.with_name(src.name + UNIVERSAL_SUFFIX)
     lock = src.with_name(out.name + _LOCK_SUFFIX)
+    ident = _identity(tag_dir)
     deadline = time.monotonic() + wait_s
-    while not out.is_dir():
+    while not _converted_from(out, ident):
         try:
             lock.mkdir()
         except FileExistsError:
@@ -108,8 +110,11 @@ def universal_checkpoint(ckpt: str | os.PathLike, wait_s: float = CONVERT_WAIT_S
             continue
         try:
             (lock / "owner").write_text(f"{socket.gethostname()} pid {os.getpid()}\n")
-            if not out.is_dir():  # converted while we waited for the lock
-                _convert(src, tag_dir, out)
+            if not _converted_from(out, ident):  # else: converted while we waited for the lock
+                if out.exists():  # a copy of an earlier checkpoint of that name (last.ckpt, a re-saved step)
+                    log.info("replacing %s: its checkpoint was saved again since", out)
+                    shutil.rmtree(out)
+                _convert(src, tag_dir, out, ident)
         finally:
             shutil.rmtree(lock, ignore_errors=True)
     return out
@@ -133,7 +138,25 @@ def _stale(lock: Path) -> bool:
     return False
 
 
-def _convert(src: Path, tag_dir: Path, out: Path) -> None:
+def _identity(tag_dir: Path) -> str:
+    """What a conversion was made from: the shards' inodes and modification times. A checkpoint
+    saved again under the same name (``last.ckpt``; a step re-saved after resuming from an older
+    one) is written as new files, so its old conversion no longer matches."""
+    parts = []
+    for f in sorted(tag_dir.glob("*_states.pt")):
+        st = f.stat()
+        parts.append(f"{f.name} {st.st_ino} {st.st_mtime_ns} {st.st_size}")
+    return "\n".join(parts) + "\n"
+
+
+def _converted_from(out: Path, ident: str) -> bool:
+    try:
+        return (out / SOURCE_FILE).read_text() == ident
+    except OSError:
+        return False
+
+
+def _convert(src: Path, tag_dir: Path, out: Path, ident: str) -> None:
     try:
         from deepspeed.checkpoint import ds_to_universal
     except ImportError as e:
@@ -157,6 +180,7 @@ def _convert(src: Path, tag_dir: Path, out: Path) -> None:
         raise SoraError(f"resume={src}: DeepSpeed's ds_to_universal could not convert it to another world size ({type(e).__name__}: {detail})") from e
     # ds_to_universal names the tag in <output_folder>/../latest_universal; Lightning checks for 'latest'.
     (partial / "latest").write_text(tag_dir.name)
+    (partial / SOURCE_FILE).write_text(ident)
     os.replace(partial, out)
     log.info("universal checkpoint written in %.1fs: %s", time.monotonic() - t0, out)
 

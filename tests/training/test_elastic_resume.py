@@ -295,6 +295,13 @@ def test_ranks_starting_together_convert_once(elastic_runs, tmp_path):
     assert (out / "checkpoint" / "zero" / "optimizer_state.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, out.name])  # no lock or .partial left
 
+    # A checkpoint saved again under its name (last.ckpt) is converted again, not served stale.
+    before = (out / "converted_from.txt").read_text()
+    model_states = next((src / "checkpoint").glob("*model_states.pt"))
+    shutil.copy(model_states, model_states.with_suffix(".new"))
+    model_states.with_suffix(".new").replace(model_states)  # new file, as a save writes it
+    assert universal_checkpoint(src) == out and (out / "converted_from.txt").read_text() != before
+
     # A lock left by a process killed during its conversion (same host, pid gone) is taken over.
     import socket
     import subprocess
