@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,11 +130,17 @@ def test_cli_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_demo_chain_at_the_smallest_size(tmp_path):
-    """`make demo`'s script, shortened: shards generated, VAE and DiT trained, samples + PNG."""
-    env = {"SORA_DEMO_DIR": str(tmp_path / "demo"), "SORA_DATA_DIR": str(tmp_path / "data")}
-    run(["bash", "launch/demo.sh", "trainer.max_steps=2", "data.prepare.num_train=64", "data.prepare.num_val=16", "diffusion.sampler.steps=2",
-         "logger=csv", "latent_stats_batches=1"], env_extra=env, timeout=900)
+    """`make demo`'s script, shortened: shards generated, VAE and DiT trained, samples + PNG, and
+    the export scored by sora-eval shapes against make demo's targets, ending in one line."""
+    env = {"SORA_DEMO_DIR": str(tmp_path / "demo"), "SORA_DATA_DIR": str(tmp_path / "data"), "SORA_DEMO_EVAL_COMBOS": "4"}
+    p = run(["bash", "launch/demo.sh", "trainer.max_steps=2", "data.prepare.num_train=64", "data.prepare.num_val=16", "diffusion.sampler.steps=2",
+             "logger=csv", "latent_stats_batches=1"], env_extra=env, timeout=900)
     demo = tmp_path / "demo"
+    report = json.loads((demo / "eval_shapes" / "report.json").read_text())
+    assert set(report["targets"]) == {"seen colour accuracy", "seen shape accuracy", "seen direction accuracy"}
+    assert report["t2v"]["seen"]["n"] == 4 and "i2v" not in report
+    assert re.search(r"shapes eval \(step 2\): seen colour [\d.]+%, shape [\d.]+%, direction [\d.]+%.*demo targets met \d/3", p.stdout), p.stdout[-2000:]
+    assert (demo / "eval_shapes" / "samples.png").is_file()
     videos = sorted((demo / "samples").glob("*.mp4"))
     assert len(videos) >= 4
     for v in videos:
