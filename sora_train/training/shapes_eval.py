@@ -382,7 +382,10 @@ def make_world(facts: dict[str, Any], meta: dict[str, Any]) -> ShapesWorld:
     """The world the model was trained on (its options when known, else the train shape)."""
     shape = meta.get("train_shape") or {}
     if facts.get("world"):
-        return ShapesWorld(**facts["world"])
+        # straight motion: the mode scores (i2v direction, extension seam, interpolation along
+        # the path) are defined on constant-velocity clips; a box-control model trained on
+        # varied motion is scored on those, and on its own requested paths (evaluate_control)
+        return ShapesWorld(**{**facts["world"], "motion": "straight"})
     return ShapesWorld(
         height=int(shape.get("height", 32)), width=int(shape.get("width", 32)), num_frames=int(shape.get("num_frames", 17))
     )
