@@ -162,7 +162,7 @@ def test_fast_recipe_trains_samples_and_scores_box_control(tmp_path):
     (control scores computed). Too few steps to meet the targets: structure, not quality."""
     data, run = tmp_path / "data", tmp_path / "run"
     p = _cli(["sora-train", "experiment=smoke", "control=boxes", f"paths.data_dir={data}", f"hydra.run.dir={run}",
-              "+data.prepare.world.motion=varied", "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.samples=null"], timeout=240)
+              "data.prepare.world.motion=varied", "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.samples=null"], timeout=240)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     export = run / "export"
     assert json.loads((export / "model.json").read_text())  # written
