@@ -478,7 +478,9 @@ class DiT(nn.Module):
         text and pooled text), leaving the transformer blocks and the final layer."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            for m in (self.x_embedder, self.t_embedder, self.text_embedder, self.pooled_text_embedder):
+            for m in (self.x_embedder, self.t_embedder, self.text_embedder, self.pooled_text_embedder, self.box_embedder):
+                if m is None:  # no box control
+                    continue
                 n -= sum(p.numel() for p in m.parameters())
         return n
 
@@ -494,6 +496,7 @@ class DiT(nn.Module):
                      + 12D^2        adaLN (per sample, not per token; once with shared modulation)
             once       2N*P_in*D + 2N*D*P_out + 4D^2   patch embed, final linear + adaLN
                      + 2L(TD + D^2) + 2(TD + D^2) + 2(256D + D^2)   text, pooled text, time MLPs
+                     + 2N*2M*p*D + 2ND^2   box embedder, with box control for M objects
         training=True returns 3x forward (backward costs twice the forward). Elementwise ops
         and norms are not counted; activation checkpointing's recompute is not counted either
         (MFU counts model FLOPs, not hardware FLOPs).
@@ -508,6 +511,8 @@ class DiT(nn.Module):
         block += 4 * N * D * M + (0 if shared else 12 * D * D)  # MLP, per-block adaLN
         once = 2 * N * p_in * D + 2 * N * D * p_out + 4 * D * D + (12 * D * D if shared else 0)
         once += 2 * L * (T * D + D * D) + 2 * (T * D + D * D) + 2 * (FREQUENCY_EMBEDDING_SIZE * D + D * D)
+        if self.max_boxes:  # box embedder MLP on every token (counted whether or not a sample has boxes)
+            once += 2 * N * p * 2 * self.max_boxes * D + 2 * N * D * D
         forward = self.depth * block + once
         return float(3 * forward if training else forward)
 
