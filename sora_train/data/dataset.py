@@ -509,13 +509,7 @@ class ShardVideoDataset(IterableDataset):
                 raise SoraError(f"no samples for rank {st.rank} worker {st.worker} in shards {self.urls[:3]}...")
 
     def _forever(self, st: WorkerState) -> Iterator[dict[str, Any]]:
-        for epoch in range(1_000_000):  # bounded: a run ends by max_steps long before this
-            empty = True
-            for sample in self._shuffled(st, epoch):
-                empty = False
-                yield sample
-            if empty:
-                raise SoraError(f"no samples for rank {st.rank} worker {st.worker} in shards {self.urls[:3]}...")
+        yield from self._elastic_forever(st, {}, 0)  # no pass in progress to finish
 
     def _iter_eval(self, st: WorkerState) -> Iterator[dict[str, Any]]:
         pools: dict[str, list[PendingSample]] = {}

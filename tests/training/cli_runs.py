@@ -156,3 +156,29 @@ def smoke_data_dir(tmp_path_factory) -> Path:
     finally:
         GlobalHydra.instance().clear()
     return data
+
+
+def launch_driver(out: Path, cells: list[tuple[str, str]], ranks: int, log: Path, timeout: float) -> str:
+    """tests/training/matrix_driver.py on ``ranks`` gloo ranks (torchrun's environment, a fresh
+    MASTER_PORT): each cell is one sora-train run, ``train(cfg)`` as the CLI calls it; torch,
+    Lightning and DeepSpeed start once per launch, not once per run (start-up is most of a debug
+    run's time on two shared cores). Rank 0's output goes to ``log``; returns it."""
+    env = base_env()
+    args = [sys.executable, str(Path(__file__).resolve().parent / "matrix_driver.py"), "--out", str(out)]
+    for name, overrides in cells:
+        args += ["--cell", name, overrides]
+    procs = []
+    with open(log, "w") as f:
+        for rank in range(ranks):
+            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks), "NODE_RANK": "0"}
+            procs.append(subprocess.Popen(args, cwd=Path(__file__).resolve().parent, env=rank_env,
+                                          stdout=f if rank == 0 else subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        try:
+            for proc in procs:
+                proc.wait(timeout=timeout)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    return log.read_text(errors="replace")

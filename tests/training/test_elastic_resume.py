@@ -149,36 +149,13 @@ STRATEGIES = ("ddp", "deepspeed_stage_2", "deepspeed_stage_3")
 TIMEOUT = 300
 SAVED_AT, RESUMED_TO, GROWN_TO = 2, 3, 4
 GROWN = ("ddp", "deepspeed_stage_3")
-HERE = Path(__file__).resolve().parent
 
 
 def _launch(out: Path, cells: list[tuple[str, str]], ranks: int, log: Path) -> str:
-    """matrix_driver.py on ``ranks`` gloo ranks (torchrun's environment): each cell is one
-    sora-train run, ``train(cfg)`` as the CLI calls it; torch, Lightning and DeepSpeed start once
-    per launch, not once per run (start-up is most of a debug run's time on two shared cores)."""
-    import subprocess
-    import sys
+    """The cells on ``ranks`` gloo ranks in one matrix_driver launch (cli_runs.launch_driver)."""
+    from cli_runs import launch_driver
 
-    from cli_runs import base_env
-
-    env = base_env()
-    args = [sys.executable, str(HERE / "matrix_driver.py"), "--out", str(out)]
-    for name, overrides in cells:
-        args += ["--cell", name, overrides]
-    procs = []
-    with open(log, "w") as f:
-        for rank in range(ranks):
-            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks), "NODE_RANK": "0"}
-            procs.append(subprocess.Popen(args, cwd=HERE, env=rank_env, stdout=f if rank == 0 else subprocess.DEVNULL, stderr=subprocess.STDOUT))
-        try:
-            for proc in procs:
-                proc.wait(timeout=TIMEOUT)
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-    text = log.read_text(errors="replace")
+    text = launch_driver(out, cells, ranks, log, TIMEOUT)
     for name, _ in cells:
         if f"[matrix] rank 0 cell {name}: ok" not in text:
             pytest.fail(f"{name} on {ranks} rank(s) failed:\n{text[-6000:]}")

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from cli_runs import BIN, ROOT, base_env, smoke_data_dir
+from cli_runs import BIN, ROOT, base_env, launch_driver, smoke_data_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
-HERE = Path(__file__).resolve().parent
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 TASKS = ("dit", "dit_latents", "vae", "vae_plain")
@@ -147,23 +146,7 @@ def _experiment_overrides(name: str, data: Path, latents: Path, vae: Path, expor
 
 
 def _launch(out: Path, cells: list[tuple[str, str]], ranks: int, log: Path) -> None:
-    env = base_env()  # a fresh MASTER_PORT per launch
-    args = [sys.executable, str(HERE / "matrix_driver.py"), "--out", str(out)]
-    for name, overrides in cells:
-        args += ["--cell", name, overrides]
-    procs = []
-    with open(log, "w") as f:
-        for rank in range(ranks):
-            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks), "NODE_RANK": "0"}
-            procs.append(subprocess.Popen(args, cwd=HERE, env=rank_env, stdout=f if rank == 0 else subprocess.DEVNULL, stderr=subprocess.STDOUT))
-        try:
-            for p in procs:
-                p.wait(timeout=TIMEOUT)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+    launch_driver(out, cells, ranks, log, TIMEOUT)
 
 
 @pytest.fixture(scope="module")
