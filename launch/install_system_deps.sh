@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the test suite starts for real: Slurm (slurmctld, slurmd, client commands)
-# and MUNGE, for the local two-node test cluster (launch/local_cluster.sh). Debian/Ubuntu.
+# and MUNGE, for the local two-node test cluster (launch/local_cluster.sh), and iproute2 (`ip`),
+# which puts its nodes in network namespaces of their own. Debian/Ubuntu.
 #
 #   bash launch/install_system_deps.sh     # .ci/run calls this before `make test`
 #
@@ -15,9 +16,10 @@
 #   SORA_SKIP_SYSTEM_DEPS=1   skip entirely (the Slurm tests then skip, or fail under CI=true)
 set -euo pipefail
 
-PACKAGES=(slurm-wlm munge)
-# What the tests need on PATH (daemons live in /usr/sbin).
-BINARIES=(slurmctld slurmd sbatch srun squeue scontrol sinfo scancel munged mungekey munge)
+PACKAGES=(slurm-wlm munge iproute2)
+# What the tests need on PATH (daemons live in /usr/sbin). unshare and nsenter come with
+# util-linux, which every Debian has.
+BINARIES=(slurmctld slurmd sbatch srun squeue scontrol sinfo scancel munged mungekey munge ip)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 t0=$SECONDS
@@ -31,7 +33,7 @@ fi
 missing=()
 for b in "${BINARIES[@]}"; do command -v "$b" >/dev/null 2>&1 || missing+=("$b"); done
 if ((${#missing[@]} == 0)); then
-  log "Slurm $(slurmd -V 2>/dev/null | awk '{print $2}') and MUNGE already installed"
+  log "Slurm $(slurmd -V 2>/dev/null | awk '{print $2}'), MUNGE and iproute2 already installed"
   exit 0
 fi
 log "missing: ${missing[*]}; installing ${PACKAGES[*]}"
