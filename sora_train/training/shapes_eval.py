@@ -918,7 +918,7 @@ def print_table(report: dict[str, Any]) -> None:
     tgt.add_column("", justify="center")
     for name, t in report["targets"].items():
         v = t["value"]
-        as_pct = any(w in name for w in ("accuracy", "kept", "object"))
+        as_pct = any(w in name for w in ("accuracy", "kept", "object")) and "points" not in name
         tgt.add_row(name, "n/a" if v is None else (f"{v:.1%}" if as_pct else f"{v:.3g}"), t["target"], "pass" if t["pass"] else "FAIL")
     console.print(tgt)
     if "i2v" in report:  # a sanity figure, not a target: it measures the VAE round trip of the given image
