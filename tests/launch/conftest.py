@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from slurm_cluster import LOCAL_CLUSTER, NEEDED, SBIN, Cluster, _under_ci
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from cli_runs import smoke_data_dir  # noqa: E402
+
 
 _MODES: list[str] = []
 
@@ -64,16 +67,4 @@ def smoke_data(tmp_path_factory) -> Path:
     """The data of experiment=smoke, generated once from the real config. Shared by the
     Slurm runs so that a two-node run does not generate it on both nodes at once: the
     datamodule prepares data once per node, and the two local nodes share one filesystem."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
-
-    root = tmp_path_factory.mktemp("data")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="sora_train.conf", version_base="1.3"):
-            cfg = compose(config_name="train", overrides=["experiment=smoke", f"paths.data_dir={root}"])
-        instantiate(cfg.data.prepare)()
-    finally:
-        GlobalHydra.instance().clear()
-    return root
+    return smoke_data_dir(tmp_path_factory)
