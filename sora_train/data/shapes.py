@@ -410,18 +410,20 @@ def default_heldout(seed: int = 0) -> list[tuple[str, str]]:
     return sorted(zip(colours[:n], shapes[:n]))
 
 
-def _check_heldout(heldout: Iterable[Sequence[str]]) -> list[tuple[str, str]]:
+def _check_heldout(heldout: Iterable[Sequence[str]], palette: Sequence[str] = tuple(COLOURS)) -> list[tuple[str, str]]:
     pairs = sorted({(str(c), str(s)) for c, s in heldout})
     for c, s in pairs:
         if c not in COLOURS or s not in SHAPES:
             raise SoraError(
                 f"held-out pair ({c!r}, {s!r}) is not in the vocabulary: colours {list(COLOURS)}, shapes {list(SHAPES)}"
             )
-    for c in COLOURS:
+        if c not in palette:
+            raise SoraError(f"held-out pair ({c!r}, {s!r}): colour {c!r} is not in the data set's colours {list(palette)}")
+    for c in palette:
         if all((c, s) in pairs for s in SHAPES):
             raise SoraError(f"held-out pairs remove every shape of colour {c!r}; training must still see each colour")
     for s in SHAPES:
-        if all((c, s) in pairs for c in COLOURS):
+        if all((c, s) in pairs for c in palette):
             raise SoraError(f"held-out pairs remove every colour of shape {s!r}; training must still see each shape")
     return pairs
 
@@ -441,10 +443,15 @@ class ShapesSetSpec:
         seed: the user seed (each split draws from its own stream of it).
         world: the world the clips are drawn from.
         heldout: (colour, shape) pairs kept out of train and val; None: :func:`default_heldout`
-            of ``seed``; ``[]``: none.
+            of ``seed`` (its pairs of colours in the palette); ``[]``: none.
         num_heldout: clips in the heldout split (default ``num_val``; 0 without pairs).
         clips_per_shard: samples per tar.
         container, codec, crf: how clips are encoded (codec None: the container's default).
+        colours: the palette every split draws from (None: all of :data:`COLOURS`);
+            ``exclude_colours`` are then removed from it. E.g. ``exclude_colours=["yellow"]``:
+            no clip and no caption of any split shows yellow (a colour to fine-tune in later);
+            ``colours=["yellow"], heldout=[]``: only yellow clips. index.json records the
+            palette (``colours``) when it is not the full one.
     """
 
     num_train: int
@@ -457,15 +464,34 @@ class ShapesSetSpec:
     container: str = "mp4"
     codec: str | None = None
     crf: int = 18
+    colours: Sequence[str] | None = None
+    exclude_colours: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.num_train < 0 or self.num_val < 0 or self.seed < 0:
             raise SoraError(f"shapes dataset: num_train={self.num_train}, num_val={self.num_val}, seed={self.seed} must be >= 0")
+        for name in ("colours", "exclude_colours"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise SoraError(f"shapes dataset: {name}={value!r} must be a list of colour names, not one string")
+            unknown = [c for c in (value or ()) if c not in COLOURS]
+            if unknown:
+                raise SoraError(f"shapes dataset: {name} names {unknown}, not in the vocabulary {list(COLOURS)}")
+        if not self.palette:
+            raise SoraError(f"shapes dataset: colours={self.colours} minus exclude_colours={list(self.exclude_colours)} leaves no colour to draw")
+
+    @property
+    def palette(self) -> tuple[str, ...]:
+        """The colours clips are drawn in, in vocabulary order."""
+        chosen = set(COLOURS if self.colours is None else self.colours) - set(self.exclude_colours)
+        return tuple(c for c in COLOURS if c in chosen)
 
     @functools.cached_property
     def pairs(self) -> list[tuple[str, str]]:
         """The held-out (colour, shape) pairs, checked."""
-        return _check_heldout(default_heldout(self.seed) if self.heldout is None else self.heldout)
+        if self.heldout is None:
+            return _check_heldout([p for p in default_heldout(self.seed) if p[0] in self.palette], self.palette)
+        return _check_heldout(self.heldout, self.palette)
 
     @property
     def heldout_clips(self) -> int:
@@ -486,6 +512,8 @@ class ShapesSetSpec:
             "codec": self.codec,
             "crf": self.crf,
             "clips_per_shard": self.clips_per_shard,
+            # recorded only when restricted, so sets written before the option stay current
+            **({"colours": list(self.palette)} if self.palette != tuple(COLOURS) else {}),
         }
 
 
@@ -519,8 +547,9 @@ def generate_shards(out_dir: str | os.PathLike, num_train: int, num_val: int, pr
     """Write ``out_dir/{train,val,heldout}/`` shard sets of encoded shapes clips.
 
     ``settings``: the rest of :class:`ShapesSetSpec` (seed, world, heldout, num_heldout,
-    clips_per_shard, container, codec, crf). train and val never contain a held-out
-    (colour, shape) pair; heldout holds only those pairs. The same arguments give identical
+    clips_per_shard, container, codec, crf, colours, exclude_colours). train and val never
+    contain a held-out (colour, shape) pair; heldout holds only those pairs; no split holds a
+    colour outside the palette. The same arguments give identical
     frames everywhere and byte-identical mp4s with the same libx264 build (x264 is
     deterministic for a fixed input and settings). Encoding dominates the cost (~7 ms a
     32x32 clip), ~100-150 clips/s on one core, so there is no worker pool.
@@ -531,7 +560,7 @@ def generate_shards(out_dir: str | os.PathLike, num_train: int, num_val: int, pr
     """
     spec = ShapesSetSpec(num_train, num_val, **settings)
     world, seed, pairs, options = spec.world, spec.seed, spec.pairs, spec.options()
-    all_combos = world.combos()
+    all_combos = [a for a in world.combos() if a.colour in spec.palette]
     seen = [a for a in all_combos if a.pair not in pairs]
     unseen = [a for a in all_combos if a.pair in pairs]
     plan = [("val", num_val, seen), ("heldout", spec.heldout_clips, unseen), ("train", num_train, seen)]
