@@ -16,7 +16,8 @@
 #      direction, and each fine-tune's wall time -> $out/compare/compare.json and a table.
 # Everything lands in ${SORA_FINETUNE_DIR:-outputs/finetune_quality}; a stage whose export exists
 # is reused (delete its folder to redo it). Settings (environment):
-#   SORA_NEW_COLOUR=yellow  SORA_FINETUNE_VARIANTS="full lora full_replay lora_replay"
+#   SORA_NEW_COLOUR=yellow  SORA_FINETUNE_VARIANTS="full_replay lora_replay full lora" (run in order)
+#   SORA_PRETRAIN_MAX_TIME=DD:HH:MM:SS: stop the pretrain there if its steps are not done (a busy machine)
 #   SORA_FINETUNE_FAST=1: the plumbing at toy scale (tiny DiT, 2 steps, sora-eval --fast; tests)
 # Extra arguments go to every sora-train call (pretrain and fine-tunes), e.g. trainer=gpu.
 set -euo pipefail
@@ -27,7 +28,7 @@ out=${SORA_FINETUNE_DIR:-outputs/finetune_quality}
 data=${SORA_DATA_DIR:-data}
 colour=${SORA_NEW_COLOUR:-yellow}
 fast=${SORA_FINETUNE_FAST:-0}
-variants=${SORA_FINETUNE_VARIANTS:-full lora full_replay lora_replay}
+variants=${SORA_FINETUNE_VARIANTS:-full_replay lora_replay full lora}
 export SORA_QUALITY_DIR=$base SORA_FINETUNE_DIR=$out   # the experiments read the same variables
 mkdir -p "$out"
 start=$(date +%s)
@@ -35,17 +36,21 @@ stage() { echo; echo "== $1 ($(( $(date +%s) - start )) s so far)"; }
 times="$out/wall_times.txt"   # "label seconds" per training stage run here
 
 if [[ $fast == 1 ]]; then
-  n_pre=32 n_new=8 n_val=4 shard_size=16
-  train_args=(dit.hidden_size=32 dit.depth=1 dit.num_heads=2 trainer.max_steps=2 trainer.val_check_interval=2
-              trainer.limit_val_batches=1 callbacks.samples=null callbacks.checkpoint.every_n_steps=2
-              data.num_workers=0 data.batch_size=4 trainer.enable_progress_bar=false)
-  ft_args=(trainer.max_steps=2 trainer.val_check_interval=2 callbacks.samples=null callbacks.checkpoint.every_n_steps=2
+  n_pre=32 n_new=8 n_val=4 shard_size=16 val=0   # no validation sets: two fewer cache-latents runs
+  train_args=(dit.hidden_size=32 dit.depth=1 dit.num_heads=2 trainer.max_steps=2 data.val_shards=null
+              callbacks.samples=null callbacks.checkpoint.every_n_steps=2 data.num_workers=0 data.batch_size=4
+              trainer.enable_progress_bar=false)
+  ft_args=(trainer.max_steps=2 data.val_shards=null callbacks.samples=null callbacks.checkpoint.every_n_steps=2
            data.num_workers=0 data.batch_size=4 trainer.enable_progress_bar=false)
-  eval_args=(--fast --t2v-only --no-progress)
+  eval_args=(--fast --no-progress)
 else
-  n_pre=1024 n_new=48 n_val=16 shard_size=128
-  train_args=() ft_args=() eval_args=(--no-progress)
+  n_pre=1024 n_new=48 n_val=16 shard_size=128 val=1
+  train_args=() ft_args=()
+  # text-to-video only (the targets are colour / shape / direction): 96 seen combinations
+  # (a seeded spread), every held-out pair's 24 and every one of the new colour's 32
+  eval_args=(--max-combos 96 --no-progress)
 fi
+[[ -n ${SORA_PRETRAIN_MAX_TIME:-} ]] && train_args+=("+trainer.max_time=$SORA_PRETRAIN_MAX_TIME")
 
 stage "VAE"
 if [[ -f "$base/vae/export/model.json" ]]; then
@@ -70,9 +75,11 @@ stage "cache latents (the VAE above)"
 cache() { sora-data cache-latents "$1" --vae "$base/vae/export" --out "$2" --num-frames 17 --height 32 --width 32 \
             --dtype float32 --shard-size "$shard_size"; }
 cache "$data/shapes_without_$colour/train" "$out/latents/pretrain_train"
-cache "$data/shapes_without_$colour/val" "$out/latents/pretrain_val"
 cache "$data/shapes_only_$colour/train" "$out/latents/new_train"
-cache "$data/shapes_only_$colour/val" "$out/latents/new_val"
+if [[ $val == 1 ]]; then
+  cache "$data/shapes_without_$colour/val" "$out/latents/pretrain_val"
+  cache "$data/shapes_only_$colour/val" "$out/latents/new_val"
+fi
 
 stage "pretrain without $colour"
 if [[ -f "$out/pretrain/export/model.json" ]]; then
@@ -105,7 +112,8 @@ done
 stage "sora-eval shapes (same seed and prompts for every export)"
 reports=()
 for run in pretrain $variants; do
-  sora-eval shapes --ckpt "$out/$run/export" --out "$out/eval/$run" --data "$data/shapes_without_$colour" "${eval_args[@]}"
+  sora-eval shapes --ckpt "$out/$run/export" --out "$out/eval/$run" --data "$data/shapes_without_$colour" --colour "$colour" \
+    --t2v-only "${eval_args[@]}"
   reports+=("$run=$out/eval/$run/report.json")
 done
 

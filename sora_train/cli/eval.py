@@ -3,6 +3,7 @@
   sora-eval loss-plot RUN_DIR [RUN_DIR ...] --out loss.png     loss curves of one or more runs
   sora-eval vae --vae EXPORT --shards DIR [--out DIR]             VAE reconstruction PSNR/SSIM + side-by-side video
   sora-eval shapes --ckpt RUN_DIR/export [--out DIR] [--fast]    caption adherence and prompting modes, from pixels
+  sora-eval shapes-compare BASE=REPORT RUN=REPORT ... --colour C  what a fine-tune on colour C taught and what it forgot
   sora-eval provenance FILE [FILE ...] [--trust CA.pem] [--json]  C2PA manifest + watermark: ours / not ours / unknown
 """
 
@@ -64,6 +65,7 @@ def _shapes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-clips", type=int, default=8, help="box control (exports trained with control=boxes): requested paths per kind (curve, zig-zag, stop-and-go)")
     p.add_argument("--targets", default="quality", choices=["quality", "demo"], help="the bar to check: the shapes recipe's (every mode) or make demo's (seen captions)")
     p.add_argument("--t2v-only", action="store_true", help="score text-to-video only (no image-to-video, extension, interpolation)")
+    p.add_argument("--colour", action="append", default=[], help="also prompt every combination of this colour, scored as its own group (repeatable)")
     p.add_argument("--fast", action="store_true", help="a quick check that everything runs: 2 steps, a few combos and clips")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -75,12 +77,39 @@ def shapes(args: argparse.Namespace) -> int:
 
     settings = ShapesEvalSettings(num_per_combo=args.num_per_combo, max_combos=args.max_combos, clips_per_mode=args.clips_per_mode,
                                   steps=args.steps, guidance_scale=args.guidance, shift=args.shift, seed=args.seed, batch_size=args.batch_size, fast=args.fast,
-                                  control_clips=args.control_clips, targets=args.targets, modes=not args.t2v_only)
+                                  control_clips=args.control_clips, targets=args.targets, modes=not args.t2v_only, colours=tuple(args.colour))
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval_shapes"
     report = run_shapes_eval(args.ckpt, out, settings, data_dir=args.data, progress=not args.no_progress)
     print_table(report)
     print(f"wrote {out / 'report.json'} and {out / 'samples.png'}")
     print(one_line(report))
+    return 0
+
+
+def _shapes_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reports", nargs="+", metavar="LABEL=REPORT", help="the base's report.json first, then each fine-tune's (sora-eval shapes)")
+    p.add_argument("--colour", required=True, help="the colour the base never saw and the fine-tunes taught")
+    p.add_argument("--times", default=None, help="file of 'label seconds' lines: each run's wall time (launch/finetune_quality.sh writes it)")
+    p.add_argument("--out", default=None, help="directory for compare.json (default: none written)")
+
+
+@command("shapes-compare", _shapes_compare_args)
+def shapes_compare(args: argparse.Namespace) -> int:
+    """A base and its fine-tunes side by side: the new colour learned, points lost on the others, wall times."""
+    from sora_train.training.shapes_compare import compare_reports, print_comparison, read_report, read_times, write_comparison
+
+    reports = {}
+    for item in args.reports:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise SoraError(f"shapes-compare: {item!r} must be LABEL=REPORT (e.g. lora=outputs/x/eval/lora/report.json)")
+        if label in reports:
+            raise SoraError(f"shapes-compare: label {label!r} given twice")
+        reports[label] = read_report(path)
+    result = compare_reports(reports, args.colour, read_times(args.times))
+    print_comparison(result)
+    if args.out:
+        print(f"wrote {write_comparison(result, args.out)}")
     return 0
 
 

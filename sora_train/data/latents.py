@@ -299,6 +299,8 @@ class LatentDataModule(VideoDataModule):
             latent sets must come from, checked in ``setup`` (see :class:`LatentSetCheck`).
         load_text: emit cached "text_emb"/"text_mask" when the shards hold them.
         text_pad_to: pad cached text to at least this many tokens (static shapes).
+        target_fps: must be None (cached clips are resampled once, by ``cache-latents --fps``);
+            accepted so a fine-tune experiment written for video shards takes data=latents.
     """
 
     def __init__(
@@ -321,7 +323,11 @@ class LatentDataModule(VideoDataModule):
         load_text: bool = True,
         text_pad_to: int | None = None,
         prepare: Any = None,
+        target_fps: float | None = None,
     ) -> None:
+        if target_fps is not None:  # accepted so experiments written for video data compose with data=latents
+            raise SoraError(f"data.target_fps={target_fps}: latent shards keep the frame rate they were cached at; "
+                            "set it with `sora-data cache-latents --fps` and leave data.target_fps null")
         super().__init__(
             train_shards, list(buckets or []), val_shards=val_shards, tokens_per_batch=tokens_per_batch, image_ratio=image_ratio,
             bucket_weights=bucket_weights, target_fps=None, num_workers=num_workers, shuffle_buffer=shuffle_buffer,

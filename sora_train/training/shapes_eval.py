@@ -115,6 +115,9 @@ class ShapesEvalSettings:
             every mode) or "demo" (``make demo``'s, text-to-video on seen captions).
         modes: also score image-to-video, extension and interpolation (False: text-to-video
             only; their targets are then not checked).
+        colours: also prompt every combination of each of these colours (capped like the
+            groups), scored as its own group ``t2v.colours.<name>`` (e.g. a colour a
+            fine-tune taught; ``--fast`` alone might draw none of its combinations).
     """
 
     num_per_combo: int = 1
@@ -129,10 +132,12 @@ class ShapesEvalSettings:
     control_clips: int = 8
     targets: str = "quality"
     modes: bool = True
+    colours: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.targets not in TARGET_SETS:
             raise SoraError(f"sora-eval shapes: targets={self.targets!r} must be one of {sorted(TARGET_SETS)}")
+        self.colours = _check_colours(self.colours)
         if self.fast:
             self.steps = self.steps or 2
             self.max_combos = min(self.max_combos or 4, 4)
@@ -546,13 +551,14 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
     seen, held = split_combos(facts["heldout_pairs"], s.max_combos, s.seed)
     torch.manual_seed(s.seed)
 
-    n_t2v = (len(seen) + len(held)) * s.num_per_combo
+    n_t2v = (len(seen) + len(held) + len(colour_combos(s.colours, s.max_combos, s.seed))) * s.num_per_combo
     bar = _Progress(progress, {"text-to-video": n_t2v, **({"prompting modes": 3 * s.clips_per_mode} if s.modes else {})})
     timings = {}
     try:
         t = time.perf_counter()
         seen_records, seen_videos = evaluate_t2v(pipe, reader, world, seen, s, bar.advancer("text-to-video"), salt=0)
         held_records, held_videos = evaluate_t2v(pipe, reader, world, held, s, bar.advancer("text-to-video"), salt=1)
+        colour_groups = evaluate_colour_groups(pipe, reader, world, s, bar.advancer("text-to-video"))
         timings["t2v_s"] = time.perf_counter() - t
         modes: dict[str, Any] = {}
         mode_samples: list[tuple[str, np.ndarray]] = []
@@ -580,7 +586,9 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
         "heldout_source": facts["heldout_source"],
         "ground_truth_codec": asdict(facts["codec"]),
         "t2v": {"seen": summarize_captions(seen_records), "heldout": summarize_captions(held_records),
-                "all": summarize_captions(seen_records + held_records)},
+                "all": summarize_captions(seen_records + held_records),
+                "by_colour": by_colour(seen_records + held_records),
+                **({"colours": colour_groups} if s.colours else {})},
         **modes,
         "vae": vae,
         "ground_truth": gt,
@@ -607,6 +615,49 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
     report["files"] = files
     atomic_write_json(out / "report.json", _finite(report))
     return report
+
+
+# -- per colour (fine-tuning measured, issue 18; sora-eval shapes-compare reads these) -------------
+def _check_colours(colours: Sequence[str] | str | None) -> tuple[str, ...]:
+    """``colours`` as a tuple of palette names; a one-line SoraError names an unknown one."""
+    from sora_train.data.shapes import COLOURS
+
+    names = (colours,) if isinstance(colours, str) else tuple(colours or ())
+    unknown = [c for c in names if c not in COLOURS]
+    if unknown:
+        raise SoraError(f"sora-eval shapes: colours {unknown} are not in the palette {list(COLOURS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def colour_combos(colours: Sequence[str], max_combos: int | None = None, seed: int = 0) -> list[ShapeAttrs]:
+    """Every caption combination of each colour in ``colours``, each colour's capped at
+    ``max_combos`` by a seeded spread (the same for every export under one seed)."""
+    out: list[ShapeAttrs] = []
+    for i, colour in enumerate(colours):
+        group = [a for a in ShapesWorld.combos() if a.colour == colour]
+        if max_combos is not None and len(group) > max_combos:
+            perm = np.random.default_rng([seed, _MODE_STREAMS["combos"], 100 + i]).permutation(len(group))
+            group = [group[j] for j in sorted(perm[:max_combos])]
+        out.extend(group)
+    return out
+
+
+def evaluate_colour_groups(pipe, reader: AttributeReader, world: ShapesWorld, s: ShapesEvalSettings, advance: Callable[[int], None]) -> dict[str, Any]:
+    """Text-to-video on every combination of each of ``s.colours``: {colour: summary}."""
+    groups: dict[str, Any] = {}
+    for i, colour in enumerate(s.colours):
+        combos = colour_combos([colour], s.max_combos, s.seed)
+        records, _ = evaluate_t2v(pipe, reader, world, combos, s, advance, salt=2 + i)
+        groups[colour] = summarize_captions(records)
+    return groups
+
+
+def by_colour(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per asked colour: n and accuracy per attribute and joint (what forgetting is read from)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(r["expected"]["colour"], []).append(r)
+    return {c: {"n": len(rs), "accuracy": summarize_captions(rs)["accuracy"]} for c, rs in sorted(groups.items())}
 
 
 # -- box motion control ------------------------------------------------------------------------
