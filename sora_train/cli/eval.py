@@ -5,6 +5,7 @@
   sora-eval shapes --ckpt RUN_DIR/export [--out DIR] [--fast]    caption adherence and prompting modes, from pixels
   sora-eval shapes-compare BASE=REPORT RUN=REPORT ... --colour C  what a fine-tune on colour C taught and what it forgot
   sora-eval provenance FILE [FILE ...] [--trust CA.pem] [--json]  C2PA manifest + watermark: ours / not ours / unknown
+  sora-eval scaling LADDER_DIR --next SIZE [--next-run RUN_DIR]   fit L(C) = a*C^-b + c to a DiT ladder, predict the next size
 """
 
 from __future__ import annotations
@@ -166,6 +167,25 @@ def provenance(args: argparse.Namespace) -> int:
     for verdict in (NOT_OURS, UNKNOWN):
         if verdict in verdicts:
             return EXIT_CODES[verdict]
+    return 0
+
+
+def _scaling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ladder", help="the ladder's sweep directory (<trial>/scaling.json per size, from hparams_search=scaling)")
+    p.add_argument("--next", required=True, help="the size to predict, a name of the ladder's scaling.sizes (e.g. d128)")
+    p.add_argument("--next-run", default=None, help="that size's run directory once it has trained: adds the measured loss")
+    p.add_argument("--out", default=None, help="report directory (default: <ladder>/../report)")
+
+
+@command("scaling", _scaling_args)
+def scaling(args: argparse.Namespace) -> int:
+    """Scaling law of a DiT ladder: fit, predict the next size, compare with its run; report.json + scaling.png."""
+    from sora_train.training.scaling import one_line, scaling_report
+
+    out = Path(args.out) if args.out else Path(args.ladder).resolve().parent / "report"
+    report = scaling_report(args.ladder, args.next, out, next_run=args.next_run)
+    print(f"wrote {out / 'report.json'} and {out / 'scaling.png'}")
+    print(one_line(report))
     return 0
 
 
