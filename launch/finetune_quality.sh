@@ -18,6 +18,7 @@
 # is reused (delete its folder to redo it). Settings (environment):
 #   SORA_NEW_COLOUR=yellow  SORA_FINETUNE_VARIANTS="full_replay lora_replay full lora" (run in order)
 #   SORA_PRETRAIN_MAX_TIME=DD:HH:MM:SS: stop the pretrain there if its steps are not done (a busy machine)
+#   SORA_FINETUNE_PARALLEL=1: the fine-tunes and evals side by side (more cores, or a shared machine)
 #   SORA_FINETUNE_FAST=1: the plumbing at toy scale (tiny DiT, 2 steps, sora-eval --fast; tests)
 # Extra arguments go to every sora-train call (pretrain and fine-tunes), e.g. trainer=gpu.
 set -euo pipefail
@@ -92,30 +93,47 @@ fi
 
 replay="[$out/latents/new_train,$out/latents/pretrain_train/shard-000000.tar]"
 for v in $variants; do
-  case $v in
-    full|full_replay) exp=finetune_shapes_full ;;
-    lora|lora_replay) exp=finetune_shapes_lora ;;
+  case $v in full|lora|full_replay|lora_replay) ;;
     *) echo "error: SORA_FINETUNE_VARIANTS: unknown variant '$v' (full, lora, full_replay, lora_replay)" >&2; exit 2 ;;
   esac
-  mix=()
+done
+finetune() {  # one variant: fine-tune from the pretrain's export (reused when its export exists)
+  local v=$1 exp=finetune_shapes_full mix=() t
+  [[ $v == lora* ]] && exp=finetune_shapes_lora
   [[ $v == *_replay ]] && mix=("data.train_shards=$replay")
-  stage "fine-tune: $v"
   if [[ -f "$out/$v/export/model.json" ]]; then
     echo "reusing $out/$v/export"
   else
     t=$(date +%s)
-    sora-train experiment=$exp hydra.run.dir="$out/$v" "${mix[@]}" "${ft_args[@]}" "$@"
+    sora-train experiment=$exp hydra.run.dir="$out/$v" "${mix[@]}" "${ft_args[@]}" "${extra[@]}"
     echo "$v $(( $(date +%s) - t ))" >> "$times"
   fi
-done
-
-stage "sora-eval shapes (same seed and prompts for every export)"
-reports=()
-for run in pretrain $variants; do
-  sora-eval shapes --ckpt "$out/$run/export" --out "$out/eval/$run" --data "$data/shapes_without_$colour" --colour "$colour" \
+}
+score() {  # sora-eval shapes with the same seed, prompts and held-out pairs for every export
+  sora-eval shapes --ckpt "$out/$1/export" --out "$out/eval/$1" --data "$data/shapes_without_$colour" --colour "$colour" \
     --t2v-only "${eval_args[@]}"
-  reports+=("$run=$out/eval/$run/report.json")
-done
+}
+extra=("$@")
+reports=()
+for run in pretrain $variants; do reports+=("$run=$out/eval/$run/report.json"); done
+if [[ ${SORA_FINETUNE_PARALLEL:-0} == 1 ]]; then
+  # every fine-tune (then its eval) and the pretrain's eval at once, one log each under $out/logs
+  stage "fine-tunes and evals side by side: $variants (logs: $out/logs)"
+  mkdir -p "$out/logs"
+  pids=()
+  score pretrain > "$out/logs/eval_pretrain.log" 2>&1 & pids+=($!)
+  for v in $variants; do
+    { finetune "$v" && score "$v"; } > "$out/logs/$v.log" 2>&1 & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done   # set -e: any that failed stops the recipe here
+else
+  for v in $variants; do
+    stage "fine-tune: $v"
+    finetune "$v"
+  done
+  stage "sora-eval shapes (same seed and prompts for every export)"
+  for run in pretrain $variants; do score "$run"; done
+fi
 
 stage "compare"
 sora-eval shapes-compare "${reports[@]}" --colour "$colour" --times "$times" --out "$out/compare"
