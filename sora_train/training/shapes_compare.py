@@ -176,8 +176,8 @@ def print_comparison(result: Mapping[str, Any]) -> None:
 
     c = result["colour"]
     table = Table(title=f"fine-tuning on '{c}': base {result['base']} vs fine-tunes (lost: points vs the base; + = worse)")
-    for col in (f"run", f"{c}: colour", f"{c}: joint", "others: colour", "shape", "direction", "joint",
-                "lost colour", "lost shape", "lost direction", "targets", "wall s", "samples/s"):
+    for col in ("run", f"{c}: colour", f"{c}: joint", "others: colour", "others: shape", "others: direction", "others: joint",
+                "lost colour", "lost shape", "lost direction", "targets", "wall s", "train samples/s"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for label, r in result["runs"].items():
         new, other, lost = r["new_colour"]["accuracy"], r["other_colours"]["accuracy"], r["points_lost"]
