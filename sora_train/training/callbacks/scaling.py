@@ -17,9 +17,11 @@ from sora_train.utils.io import atomic_write_json
 class ScalingRecord(pl.Callback):
     """Per trial: parameters, samples, training FLOPs and the final val/loss -> ``out``.
 
-    FLOPs are summed per training batch as ``batch * dit.flops_per_step(tokens, text_len,
-    training=True)`` (per sample, forward + backward) with the batch's own token count and
-    text length, so a run's compute is the model's own accounting of what it trained on.
+    FLOPs are summed per training step as ``batch * dit.flops_per_step(tokens, text_len,
+    training=True)`` (per sample, forward + backward) with the token count and text length
+    the DiT was called on in that step (read by a forward pre-hook: cached or encoded text,
+    latent or pixel batches alike), times the data-parallel ranks: a run's compute is the
+    model's own accounting of what it trained on.
 
     Args:
         out: the JSON file to write when training ends (``${run_dir}/scaling.json``).
@@ -41,19 +43,26 @@ class ScalingRecord(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
+        self._seen: tuple[int, int, int] | None = None
+        pl_module.dit.register_forward_pre_hook(self._see)
+
+    def _see(self, dit: Any, args: tuple[Any, ...]) -> None:
+        """The DiT's training call: (x (B, C, f, h, w), t, text (B, L, D), ...)."""
+        if dit.training and len(args) >= 3:
+            B, _, f, h, w = args[0].shape
+            pt, ph, pw = dit.patch_size
+            self._seen = (B, (f // pt) * (h // ph) * (w // pw), int(args[2].shape[1]))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not isinstance(batch, dict) or "latent" not in batch:
-            raise SoraError("callbacks.scaling: counts FLOPs of latent batches only (data=latents)")
-        dit = pl_module.dit
-        B, _, f, h, w = batch["latent"].shape  # (B, C, f, h, w)
-        pt, ph, pw = dit.patch_size
-        n = (f // pt) * (h // ph) * (w // pw)
-        text_len = int(batch["text_mask"].shape[1]) if "text_mask" in batch else int(getattr(pl_module.text_encoder, "max_length", 64))
+        if self._seen is None:
+            raise SoraError("callbacks.scaling: the DiT was not called with (x, t, text, ...) in this step; nothing to count")
+        B, n, text_len = self._seen
+        B *= trainer.world_size  # every data-parallel rank trains on a batch of the same shape
         self.samples += B
-        self.flops += B * dit.flops_per_step(n, text_len, training=True)
+        self.flops += B * pl_module.dit.flops_per_step(n, text_len, training=True)
         self.text_len_sum += B * text_len
         self.num_tokens = n
+        self._seen = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         v = trainer.callback_metrics.get("val/loss")
