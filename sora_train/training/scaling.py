@@ -220,6 +220,8 @@ def scaling_report(ladder_dir: str | Path, next_name: str, out: str | Path, next
         measured = {"loss": t.val_loss, "flops": t.flops, "params": t.params, "train_seconds": t.train_seconds, "run_dir": t.run_dir,
                     "rel_error": (predicted - t.val_loss) / t.val_loss,
                     "within_sigma": None if sigma is None else abs(predicted - t.val_loss) <= sigma}
+        if t.val_loss < fit.c:
+            problems.append(f"the measured loss is below the fitted floor c = {fit.c:.4f}: the ladder's curve flattens too early")
         if abs(t.flops - next_flops) > 1e-6 * next_flops:
             problems.append(f"the next run's compute {t.flops:.4g} is not the predicted size's {next_flops:.4g} (another budget?)")
     report = {
