@@ -265,7 +265,8 @@ def plot_scaling(report: dict[str, Any], fit: PowerLawFit, path: str | Path) -> 
         ax.scatter([meas["flops"]], [meas["loss"]], marker="*", s=120, color="tab:red", zorder=5,
                    label=f"{pred['size']} measured ({meas['rel_error']:+.1%})")
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: minor ones overlap
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))  # a ladder spans about one decade
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(np.inf, np.inf)))
     ax.set_xlabel("training FLOPs (flops_per_step x samples)")
     ax.set_ylabel("final val/loss")
     ax.set_title(f"DiT scaling on a fixed budget ({ladder[0]['samples']} samples per size); fit {report['quality']}", fontsize=10)
