@@ -3,30 +3,47 @@
 # with a score the demo cannot fix by construction (it reads its own videos back from pixels).
 #   1. shapes-world shards are generated under data/shapes if missing (real H.264 mp4s),
 #   2. a small causal VAE trains (outputs/demo/vae),
-#   3. a small DiT trains in its latent space (outputs/demo/dit),
-#   4. sora-sample writes videos from captions (outputs/demo/samples/*.mp4),
-#   5. sora-eval shapes scores the DiT's export: it generates a clip per caption combination
+#   3. the clips are encoded once into latent shards, 9 frames at 4 fps (outputs/demo/latents),
+#   4. a small DiT trains on them (outputs/demo/dit),
+#   5. sora-sample writes videos from captions (outputs/demo/samples/*.mp4),
+#   6. sora-eval shapes scores the DiT's export: it generates a clip per caption combination
 #      (48 seen, up to 48 held-out) and reads colour, shape and direction back from the pixels
 #      (outputs/demo/eval_shapes/report.json; samples.png: a grid of clips with their captions
 #      and what was read; the targets are make demo's, `--targets demo`),
-#   6. the loss curves of both stages go into outputs/demo/loss_curves.png.
+#   7. the loss curves of both stages go into outputs/demo/loss_curves.png.
 # Re-running resumes each stage from its last checkpoint (resume=auto) instead of retraining.
+# Arguments are Hydra overrides for both sora-train calls; SORA_DEMO_VAE_ARGS holds overrides
+# for the VAE stage alone (it is the one that generates the shards: data.prepare.num_train=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WANDB_SILENT=true
+# One torch thread per process: on 2 cores the loader's workers take the other core, and two
+# OpenMP threads that must wait for a busy core spin instead (the VAE stage, measured under load:
+# 78 s with one thread, over 10 minutes with two; docs/benchmarks.md).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 out=${SORA_DEMO_DIR:-outputs/demo}   # the experiments read the same variable
 export SORA_DEMO_DIR=$out
 start=$(date +%s)
 stage() { echo; echo "== $1 ($(( $(date +%s) - start )) s so far)"; }
 
+data=${SORA_DATA_DIR:-data}
+clip=(--num-frames 9 --fps 4 --height 32 --width 32)   # the DiT's clips: every other frame
+
 stage "VAE"
-sora-train experiment=demo_vae resume=auto "$@"
+# shellcheck disable=SC2086  # SORA_DEMO_VAE_ARGS is a list of overrides
+sora-train experiment=demo_vae resume=auto ${SORA_DEMO_VAE_ARGS:-} "$@"
+
+stage "latents"
+for split in train val; do
+  sora-data cache-latents "$data/shapes/$split" --vae "$out/vae/export" --out "$out/latents/$split" \
+    "${clip[@]}" --dtype float32 > "$out/latents-$split.log"
+done
 
 stage "DiT"
 sora-train experiment=demo resume=auto "$@"
 
 stage "samples and scores"
-sora-sample --ckpt "$out/dit/export" --prompts-file launch/demo_prompts.txt --out "$out/samples" --seed 0
+sora-sample --ckpt "$out/dit/export" --prompts-file launch/demo_prompts.txt --out "$out/samples" --seed 0 --fps 4
 mkdir -p "$out/eval_shapes"
 sora-eval shapes --ckpt "$out/dit/export" --out "$out/eval_shapes" --targets demo --t2v-only \
   --max-combos "${SORA_DEMO_EVAL_COMBOS:-48}" --no-progress > "$out/eval_shapes/eval.log"

@@ -389,8 +389,12 @@ def make_world(facts: dict[str, Any], meta: dict[str, Any]) -> ShapesWorld:
     if facts.get("world"):
         # straight motion: the mode scores (i2v direction, extension seam, interpolation along
         # the path) are defined on constant-velocity clips; a box-control model trained on
-        # varied motion is scored on those, and on its own requested paths (evaluate_control)
-        return ShapesWorld(**{**facts["world"], "motion": "straight"})
+        # varied motion is scored on those, and on its own requested paths (evaluate_control).
+        # The clip shape is the one the model trained on, not the source clips' own: make
+        # demo's DiT learns 9 frames at 4 fps of the 17-frame clips (the whole motion in 9
+        # frames), and a 9-frame world moves the object over the same path.
+        trained = {k: int(shape[k]) for k in ("num_frames", "height", "width") if k in shape}
+        return ShapesWorld(**{**facts["world"], **trained, "motion": "straight"})
     return ShapesWorld(
         height=int(shape.get("height", 32)), width=int(shape.get("width", 32)), num_frames=int(shape.get("num_frames", 17))
     )

@@ -132,9 +132,10 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_demo_chain_at_the_smallest_size(tmp_path):
     """`make demo`'s script, shortened: shards generated, VAE and DiT trained, samples + PNG, and
     the export scored by sora-eval shapes against make demo's targets, ending in one line."""
-    env = {"SORA_DEMO_DIR": str(tmp_path / "demo"), "SORA_DATA_DIR": str(tmp_path / "data"), "SORA_DEMO_EVAL_COMBOS": "4"}
-    p = run(["bash", "launch/demo.sh", "trainer.max_steps=2", "data.prepare.num_train=64", "data.prepare.num_val=16", "diffusion.sampler.steps=2",
-             "logger=csv", "latent_stats_batches=1"], env_extra=env, timeout=900)
+    env = {"SORA_DEMO_DIR": str(tmp_path / "demo"), "SORA_DATA_DIR": str(tmp_path / "data"), "SORA_DEMO_EVAL_COMBOS": "4",
+           "SORA_DEMO_VAE_ARGS": "data.prepare.num_train=64 data.prepare.num_val=16"}
+    p = run(["bash", "launch/demo.sh", "trainer.max_steps=2", "diffusion.sampler.steps=2", "logger=csv", "latent_stats_batches=1"],
+            env_extra=env, timeout=900)
     demo = tmp_path / "demo"
     report = json.loads((demo / "eval_shapes" / "report.json").read_text())
     assert set(report["targets"]) == {"seen colour accuracy", "seen shape accuracy", "seen direction accuracy"}
@@ -144,7 +145,9 @@ def test_demo_chain_at_the_smallest_size(tmp_path):
     videos = sorted((demo / "samples").glob("*.mp4"))
     assert len(videos) >= 4
     for v in videos:
-        assert _decodes(v).shape == (17, 32, 32, 3)
+        assert _decodes(v).shape == (9, 32, 32, 3)  # the demo's DiT makes 9-frame clips (4 fps)
+    latents = json.loads((demo / "latents" / "train" / "index.json").read_text())
+    assert latents["num_samples"] == 64 and latents["shape_histogram"] == {"9x32x32": 64}
     from PIL import Image
 
     with Image.open(demo / "loss_curves.png") as im:

@@ -121,7 +121,7 @@ def _experiment_overrides(name: str, data: Path, latents: Path, vae: Path, expor
     base = f"paths.data_dir={data} trainer.max_steps=2 trainer.val_check_interval=2 trainer.limit_val_batches=1 data.num_workers=0"
     table = {
         "smoke": ("auto", ""),
-        "demo": ("auto", f"{small} vae_ckpt={vae} {video} ~data.prepare"),
+        "demo": ("auto", f"{small} vae_ckpt={vae} data.train_shards={latents}/train data.val_shards={latents}/val data.load_text=false"),
         "demo_vae": ("auto", f"vae=debug {video} ~data.prepare"),
         "vae_shapes": ("auto", f"vae=debug {video} ~data.prepare"),
         "shapes_quality_vae": ("auto", f"vae=debug {video} ~data.prepare"),
