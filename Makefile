@@ -10,7 +10,7 @@ BIN         := $(VENV)/bin
 HAS_GPU     := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC  ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 TORCH_PIP_ARGS ?=
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: demo test install install-dev clean-demo
 
