@@ -67,6 +67,8 @@ def _shapes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="quality", choices=["quality", "demo"], help="the bar to check: the shapes recipe's (every mode) or make demo's (seen captions)")
     p.add_argument("--t2v-only", action="store_true", help="score text-to-video only (no image-to-video, extension, interpolation)")
     p.add_argument("--colour", action="append", default=[], help="also prompt every combination of this colour, scored as its own group (repeatable)")
+    p.add_argument("--shapes", nargs="+", default=[], metavar="FxHxW",
+                   help="also generate at these clip shapes (seen in training or not; 1xHxW: an image) and score each against the train shape")
     p.add_argument("--fast", action="store_true", help="a quick check that everything runs: 2 steps, a few combos and clips")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -78,11 +80,12 @@ def shapes(args: argparse.Namespace) -> int:
 
     settings = ShapesEvalSettings(num_per_combo=args.num_per_combo, max_combos=args.max_combos, clips_per_mode=args.clips_per_mode,
                                   steps=args.steps, guidance_scale=args.guidance, shift=args.shift, seed=args.seed, batch_size=args.batch_size, fast=args.fast,
-                                  control_clips=args.control_clips, targets=args.targets, modes=not args.t2v_only, colours=tuple(args.colour))
+                                  control_clips=args.control_clips, targets=args.targets, modes=not args.t2v_only, colours=tuple(args.colour),
+                                  shapes=tuple(args.shapes))
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval_shapes"
     report = run_shapes_eval(args.ckpt, out, settings, data_dir=args.data, progress=not args.no_progress)
     print_table(report)
-    print(f"wrote {out / 'report.json'} and {out / 'samples.png'}")
+    print(f"wrote {out / 'report.json'} and {out / 'samples.png'}" + (f" and {out / 'native.png'}" if "native" in report else ""))
     print(one_line(report))
     return 0
 

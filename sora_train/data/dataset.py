@@ -301,6 +301,13 @@ class ShardVideoDataset(IterableDataset):
             raise SkipSample("fits_no_bucket", f"{f}x{h}x{w} at {fps:g} fps fits none of {names}")
         return PendingSample(sample["__key__"], meta, media_ext, sample[media_ext], bucket)
 
+    def image_bucket_for(self, item: PendingSample) -> Bucket | None:
+        """The image bucket a video can feed with one of its frames: the one nearest its
+        aspect ratio (resized and cropped to it like any frame); None without image buckets."""
+        if not self.buckets.images:
+            return None
+        return self.buckets.assign(1, int(item.meta["height"]), int(item.meta["width"]), 0.0, None, want_image=True)
+
     def _to_pending(self, st: WorkerState, sample: dict[str, Any]) -> PendingSample | None:
         try:
             item = self.pending(sample)
@@ -420,14 +427,15 @@ class ShardVideoDataset(IterableDataset):
         """(global batch index, bucket, its samples) of one consumer, from ``index`` on, in steps
         of the worker count: bucket assignment from metadata alone, nothing decoded."""
         pools: dict[str, list[PendingSample]] = {b.name: [] for b in self.buckets.buckets}
-        video_pool_for_images: list[PendingSample] = []
+        # per image bucket: waiting videos that can feed it with one of their frames
+        videos_for_image: dict[str, list[PendingSample]] = {b.name: [] for b in self.buckets.images}
         while True:
             bucket = self.buckets.schedule(self.seed, 0, index)
             pool = pools[bucket.name]
             while len(pool) < bucket.batch_size:
-                if bucket.is_image and video_pool_for_images:
-                    # any video can feed an image bucket with one of its frames
-                    v = video_pool_for_images.pop(0)
+                feeders = videos_for_image.get(bucket.name)
+                if feeders:
+                    v = feeders.pop(0)
                     pools[v.bucket.name].remove(v)
                     pool.append(PendingSample(v.key, v.meta, v.media_ext, v.media, bucket, v.epoch, v.url))
                     continue
@@ -435,8 +443,9 @@ class ShardVideoDataset(IterableDataset):
                 if item is None:
                     continue
                 pools[item.bucket.name].append(item)
-                if not item.bucket.is_image and self.buckets.images:
-                    video_pool_for_images.append(item)
+                image_bucket = None if item.bucket.is_image else self.image_bucket_for(item)
+                if image_bucket is not None:
+                    videos_for_image[image_bucket.name].append(item)
                 if sum(len(p) for p in pools.values()) > self.max_pool:
                     raise SoraError(
                         f"bucket pools exceeded {self.max_pool} samples waiting for bucket {bucket.name}: "
@@ -444,8 +453,9 @@ class ShardVideoDataset(IterableDataset):
                     )
             batch_items, pools[bucket.name] = pool[: bucket.batch_size], pool[bucket.batch_size :]
             for it in batch_items:
-                if it in video_pool_for_images:
-                    video_pool_for_images.remove(it)
+                for feeders in videos_for_image.values():
+                    if it in feeders:
+                        feeders.remove(it)
             yield index, bucket, batch_items
             index += st.num_workers
 

@@ -191,6 +191,11 @@ class LatentShardDataset(ShardVideoDataset):
         tensors = decode_text_member(item.media[TEXT_MEMBER])
         return caption, tensors[str(cached.index(caption))]
 
+    def image_bucket_for(self, item: PendingSample) -> Bucket | None:
+        """A cached latent is not resized: it feeds only the image bucket of its own height and width."""
+        h, w = int(item.meta["height"]), int(item.meta["width"])
+        return next((b for b in self.buckets.images if (b.height, b.width) == (h, w)), None)
+
     def load_sample(self, item: PendingSample, bucket: Bucket, rng: np.random.Generator, batch: list[LoadedSample]) -> LoadedSample:
         z = decode_latent(item.media[item.media_ext], item.media_ext)  # (C, f, h, w)
         if bucket.is_image and (int(item.meta["height"]), int(item.meta["width"])) != (bucket.height, bucket.width):

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -452,6 +452,11 @@ class ShapesSetSpec:
             no clip and no caption of any split shows yellow (a colour to fine-tune in later);
             ``colours=["yellow"], heldout=[]``: only yellow clips. index.json records the
             palette (``colours``) when it is not the full one.
+        clip_shapes: native shapes, ``[(num_frames, height, width), ...]``: clip ``i`` of each
+            split is drawn by ``world`` resized to shape ``i % len(clip_shapes)`` (sizes and
+            travel stay fractions of the frame, see :class:`ShapesWorld`), so one set holds
+            wide, tall, square, short and long clips for bucketed training (Sora's native
+            shape). None: every clip at ``world``'s own shape. Recorded in index.json when set.
     """
 
     num_train: int
@@ -466,8 +471,18 @@ class ShapesSetSpec:
     crf: int = 18
     colours: Sequence[str] | None = None
     exclude_colours: Sequence[str] = ()
+    clip_shapes: Sequence[Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
+        if self.clip_shapes is not None:  # tuples: the spec stays hashable; a bad shape fails here, not mid-write
+            try:
+                shapes = tuple(tuple(int(v) for v in shape) for shape in self.clip_shapes)
+            except (TypeError, ValueError):
+                raise SoraError(f"shapes dataset: clip_shapes={self.clip_shapes!r} must be a list of [num_frames, height, width]") from None
+            if not shapes or any(len(shape) != 3 for shape in shapes):
+                raise SoraError(f"shapes dataset: clip_shapes={self.clip_shapes!r} must be a non-empty list of [num_frames, height, width]")
+            object.__setattr__(self, "clip_shapes", shapes)
+            self.worlds  # each shape's world checks that a large shape fits its frame
         if self.num_train < 0 or self.num_val < 0 or self.seed < 0:
             raise SoraError(f"shapes dataset: num_train={self.num_train}, num_val={self.num_val}, seed={self.seed} must be >= 0")
         for name in ("colours", "exclude_colours"):
@@ -485,6 +500,23 @@ class ShapesSetSpec:
         """The colours clips are drawn in, in vocabulary order."""
         chosen = set(COLOURS if self.colours is None else self.colours) - set(self.exclude_colours)
         return tuple(c for c in COLOURS if c in chosen)
+
+    @functools.cached_property
+    def worlds(self) -> tuple[ShapesWorld, ...]:
+        """The world of each native shape, in ``clip_shapes`` order (``(world,)`` without them)."""
+        if self.clip_shapes is None:
+            return (self.world,)
+        out = []
+        for f, h, w in self.clip_shapes:
+            try:
+                out.append(replace(self.world, num_frames=f, height=h, width=w))
+            except SoraError as e:
+                raise SoraError(f"shapes dataset: clip_shapes entry {[f, h, w]}: {e}") from None
+        return tuple(out)
+
+    def world_for(self, index: int) -> ShapesWorld:
+        """The world clip ``index`` of a split is drawn in."""
+        return self.worlds[index % len(self.worlds)]
 
     @functools.cached_property
     def pairs(self) -> list[tuple[str, str]]:
@@ -514,6 +546,7 @@ class ShapesSetSpec:
             "clips_per_shard": self.clips_per_shard,
             # recorded only when restricted, so sets written before the option stay current
             **({"colours": list(self.palette)} if self.palette != tuple(COLOURS) else {}),
+            **({"clip_shapes": [list(shape) for shape in self.clip_shapes]} if self.clip_shapes is not None else {}),
         }
 
 
@@ -579,10 +612,11 @@ def generate_shards(out_dir: str | os.PathLike, num_train: int, num_val: int, pr
             with writer:
                 for i in range(count):
                     attrs = world.attrs_for(i, sseed, combos)
-                    motion = world.sample_motion(attrs, np.random.default_rng([sseed, _RENDER_STREAM, i]))
-                    frames = world.draw(attrs, motion)  # (F, H, W, 3) uint8
-                    data = encode_video(frames, world.fps, container=spec.container, codec=spec.codec, crf=spec.crf)
-                    meta = _sample_meta(world, attrs, motion, split, i, seed, data)
+                    clip_world = spec.world_for(i)  # world itself unless clip_shapes are set
+                    motion = clip_world.sample_motion(attrs, np.random.default_rng([sseed, _RENDER_STREAM, i]))
+                    frames = clip_world.draw(attrs, motion)  # (F, H, W, 3) uint8
+                    data = encode_video(frames, clip_world.fps, container=spec.container, codec=spec.codec, crf=spec.crf)
+                    meta = _sample_meta(clip_world, attrs, motion, split, i, seed, data)
                     writer.write(f"shapes_{split}_{i:06d}", {spec.container: data}, meta)
                     if bar is not None:
                         bar.advance(task)

@@ -181,6 +181,8 @@ def export_task(module: Any, out_dir: str | Path, *, datamodule: Any, step: int 
     buckets = datamodule.make_buckets()
     first = (buckets.video or buckets.buckets)[0]
     meta["train_shape"] = {"num_frames": first.num_frames, "height": first.height, "width": first.width}
+    # every shape trained on (images are 1xHxW): sora-eval shapes --shapes tells seen from unseen shapes by it
+    meta["train_buckets"] = [b.name for b in buckets.buckets]
     if train_shards:
         from sora_train.data.shards import read_index
 

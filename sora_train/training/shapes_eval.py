@@ -48,6 +48,7 @@ import numpy as np
 from sora_train.data.boxes import Boxes, BoxTrack
 from sora_train.data.shapes import MAX_HALF_EXTENT, AttributeReader, ShapeAttrs, ShapesWorld, centroid_offset, default_heldout, half_extent
 from sora_train.provenance import mark_image_file
+from sora_train.training.shapes_native import evaluate_native, native_targets, parse_shape, shape_name, write_native_grid
 from sora_train.utils.errors import SoraError
 from sora_train.utils.io import atomic_write_json
 
@@ -118,6 +119,9 @@ class ShapesEvalSettings:
         colours: also prompt every combination of each of these colours (capped like the
             groups), scored as its own group ``t2v.colours.<name>`` (e.g. a colour a
             fine-tune taught; ``--fast`` alone might draw none of its combinations).
+        shapes: also generate at these clip shapes ("FxHxW", e.g. "17x32x64"; "1xHxW" an
+            image), seen in training or not, and score each against the export's train shape
+            (:mod:`sora_train.training.shapes_native`: one object per frame, points lost).
     """
 
     num_per_combo: int = 1
@@ -133,8 +137,10 @@ class ShapesEvalSettings:
     targets: str = "quality"
     modes: bool = True
     colours: tuple[str, ...] = ()
+    shapes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.shapes = tuple(dict.fromkeys(shape_name(parse_shape(x)) for x in self.shapes))
         if self.targets not in TARGET_SETS:
             raise SoraError(f"sora-eval shapes: targets={self.targets!r} must be one of {sorted(TARGET_SETS)}")
         self.colours = _check_colours(self.colours)
@@ -523,7 +529,7 @@ def check_targets(report: dict[str, Any], target_set: str = "quality") -> dict[s
     """Each target: its value in the report, the threshold, and whether it is met. Targets of
     modes the report did not score (``modes=False``) are left out, not failed."""
     out = {}
-    targets = {**TARGET_SETS[target_set], **(CONTROL_TARGETS if "control" in report else {})}
+    targets = {**TARGET_SETS[target_set], **(CONTROL_TARGETS if "control" in report else {}), **native_targets(report)}
     scored_modes = "modes" in report
     for name, (path, op, threshold) in targets.items():
         if not scored_modes and path.split(".")[0] in ("i2v", "modes", "extend", "interpolate"):
@@ -556,7 +562,10 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
     torch.manual_seed(s.seed)
 
     n_t2v = (len(seen) + len(held) + len(colour_combos(s.colours, s.max_combos, s.seed))) * s.num_per_combo
-    bar = _Progress(progress, {"text-to-video": n_t2v, **({"prompting modes": 3 * s.clips_per_mode} if s.modes else {})})
+    reference = (world.num_frames, world.height, world.width)  # the train shape: what the other shapes are held to
+    n_native = len({reference, *(parse_shape(x) for x in s.shapes)}) * len(seen) if s.shapes else 0
+    bar = _Progress(progress, {"text-to-video": n_t2v, **({"prompting modes": 3 * s.clips_per_mode} if s.modes else {}),
+                               **({"native shapes": n_native} if n_native else {})})
     timings = {}
     try:
         t = time.perf_counter()
@@ -570,6 +579,13 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
             t = time.perf_counter()
             modes, mode_samples = evaluate_modes(pipe, reader, world, seen, s, bar.advancer("prompting modes"), facts["codec"])
             timings["modes_s"] = time.perf_counter() - t
+        native: dict[str, Any] = {}
+        if s.shapes:
+            t = time.perf_counter()
+            trained = pipe.meta.get("train_buckets") or [shape_name(reference)]
+            native, native_samples = evaluate_native(pipe, world, seen, [parse_shape(x) for x in s.shapes], reference, trained, s,
+                                                     bar.advancer("native shapes"))
+            timings["native_s"] = time.perf_counter() - t
     finally:
         bar.stop()
     t = time.perf_counter()
@@ -594,6 +610,7 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
                 "by_colour": by_colour(seen_records + held_records),
                 **({"colours": colour_groups} if s.colours else {})},
         **modes,
+        **({"native": native} if native else {}),
         "vae": vae,
         "ground_truth": gt,
     }
@@ -614,6 +631,10 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
     write_sample_grid(rows, out / "samples.png")
     mark_image_file(out / "samples.png", {"prompt": "", "content": "sora-eval shapes: generated clips", "model_sha256": pipe.meta.get("weights_sha256")})
     write_accuracy_plot(report, out / "accuracy.png")
+    if native:  # one generated clip per shape, each at its own frame size
+        write_native_grid(native_samples, out / "native.png")
+        mark_image_file(out / "native.png", {"prompt": "", "content": "sora-eval shapes --shapes: generated clips", "model_sha256": pipe.meta.get("weights_sha256")})
+        files["native"] = "native.png"
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = timings
     report["files"] = files
@@ -984,6 +1005,16 @@ def print_table(report: dict[str, Any]) -> None:
                       + ", ".join(f"{attr} {asked} -> {read} x{c}" for attr, asked, read, c in misses))
     tc = report["t2v"]["all"]["temporal"]
     console.print("temporal consistency (t2v, mean): " + ", ".join(f"{k} {v:.3g}" for k, v in tc.items() if v is not None))
+    if "native" in report:
+        nat = Table(title=f"native shapes (text-to-video, seen captions; points lost vs {report['native']['reference']})")
+        for col in ("FxHxW", "trained", "1 object", "colour", "shape", "dir", "lost c/s/d"):
+            nat.add_column(col, justify="left" if col == "FxHxW" else "right", no_wrap=True)
+        for name, e in report["native"]["shapes"].items():
+            acc, lost = e["accuracy"], e["points_lost"]
+            nat.add_row(name, "yes" if e["seen_in_training"] else "no", _pct(e["one_object_frac"]), _pct(acc.get("colour")),
+                        _pct(acc.get("shape")), _pct(acc.get("direction")),
+                        "/".join("-" if k not in lost else f"{lost[k]:+.0f}" for k in ("colour", "shape", "direction")))
+        console.print(nat)
 
 
 def one_line(report: dict[str, Any]) -> str:

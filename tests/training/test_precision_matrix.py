@@ -126,6 +126,9 @@ def _experiment_overrides(name: str, data: Path, latents: Path, vae: Path, expor
         "vae_shapes": ("auto", f"vae=debug {video} ~data.prepare"),
         "shapes_quality_vae": ("auto", f"vae=debug {video} ~data.prepare"),
         "shapes_quality": ("auto", f"{small} vae_ckpt={vae} data.train_shards={latents}/train data.val_shards={latents}/val data.load_text=false"),
+        # native shapes: its buckets cut to the smoke latents' one shape and its images (a bucket with no clips would wait forever)
+        "shapes_native": ("auto", f"{small} vae_ckpt={vae} data.train_shards={latents}/train data.val_shards={latents}/val data.load_text=false "
+                                  "data.buckets=[{num_frames:9,height:32,width:32,batch_size:4},{num_frames:1,height:32,width:32,batch_size:8}]"),
         "scaling_shapes": ("auto", f"vae_ckpt={vae} data.train_shards={latents}/train data.val_shards={latents}/val data.load_text=false scaling.size=d32"),
         # box control on the smoke latents (their json carries the shapes world's boxes); a small random DiT instead of the base export
         "boxes_quality": ("auto", f"{small} init_from=null vae_ckpt={vae} data.train_shards={latents}/train data.val_shards={latents}/val data.load_text=false"),
