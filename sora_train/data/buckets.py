@@ -54,8 +54,9 @@ class BucketTable:
             a bucket's batch size is ``max(1, tokens_per_batch // (F * H * W))``.
         image_ratio: fraction of batches drawn from image (1-frame) buckets. Any video can feed
             an image bucket with one of its frames, so the ratio holds whatever the data.
-        weights: optional bucket name -> relative weight among video buckets (default: by
-            how many samples of the data set fit each bucket, from the shard index).
+        weights: optional bucket name -> relative weight among video buckets, and among
+            image buckets (default: by how many batches of the data set each bucket fills,
+            from the shard index: :meth:`fit_weights_to_samples`).
     """
 
     def __init__(
@@ -131,17 +132,36 @@ class BucketTable:
         return min(pool, key=lambda b: (round(abs(math.log(b.aspect / aspect)), 3), -b.num_frames, -b.height))
 
     def fit_weights_from_histogram(self, histogram: dict[str, int], target_fps: float | None, fps: float | None = None) -> None:
-        """Weight video buckets by how many samples of the data set they would receive."""
-        counts = {b.name: 0.0 for b in self.video}
+        """Weight buckets by the data set's samples each would receive (see
+        :meth:`fit_weights_to_samples`); any sample feeds the image bucket nearest its aspect."""
+        videos = {b.name: 0.0 for b in self.video}
+        images = {b.name: 0.0 for b in self.images}
         for shape, n in histogram.items():
             f, h, w = (int(x) for x in shape.split("x"))
             b = self.assign(f, h, w, fps or 0.0, target_fps if fps else None)
             if b is not None and not b.is_image:
-                counts[b.name] += n
-        total = sum(counts.values())
-        if total > 0:
-            for name, c in counts.items():
-                self.weights[name] = c / total
+                videos[b.name] += n
+            image = self.assign(1, h, w, 0.0, None, want_image=True)
+            if image is not None:
+                images[image.name] += n
+        self.fit_weights_to_samples(videos, images)
+
+    def fit_weights_to_samples(self, videos: dict[str, float], images: dict[str, float] | None = None) -> None:
+        """Draw each bucket in proportion to the *batches* its samples fill (samples / batch
+        size): video buckets by the clips they receive, image buckets by the samples that can
+        feed them. Then every shape's samples are used at the rate they arrive, by video and
+        image batches alike. Weighted by samples alone, a bucket with a small batch (a long or
+        large shape under a token budget) is drawn for fewer samples than it receives, and an
+        image bucket fed by few clips drains them; either way some bucket's waiting pool grows
+        until the loader stops. Buckets with no samples are never drawn."""
+        for group, counts in ((self.video, videos), (self.images, images)):
+            if counts is None:
+                continue
+            batches = {b.name: float(counts.get(b.name, 0.0)) / b.batch_size for b in group}
+            total = sum(batches.values())
+            if total > 0:
+                for name, n in batches.items():
+                    self.weights[name] = n / total
 
     def schedule(self, seed: int, epoch: int, index: int) -> Bucket:
         """The bucket of batch ``index`` of ``epoch``: identical on every rank and worker."""

@@ -367,13 +367,16 @@ class LatentDataModule(VideoDataModule):
                 cfg.append({"num_frames": f, "height": h, "width": w, **({"batch_size": self.batch_size} if self.batch_size else {})})
         else:
             cfg = [{**b, **({"batch_size": self.batch_size} if self.batch_size and "batch_size" not in b else {})} for b in cfg]
-        weights = self.bucket_weights
-        if weights is None and hist:
-            names = {f"{b['num_frames']}x{b['height']}x{b['width']}" for b in cfg}
-            weights = {name: float(n) for name, n in hist.items() if name in names and not name.startswith("1x")}
-            weights = weights or None
-        image_ratio = self.image_ratio
-        return BucketTable(cfg, self.tokens_per_batch, image_ratio, weights)
+        table = BucketTable(cfg, self.tokens_per_batch, self.image_ratio, self.bucket_weights)
+        if self.bucket_weights is None and hist:  # cached shapes are exact: each feeds its own buckets only
+            images = {b.name: 0.0 for b in table.images}
+            for shape, n in hist.items():
+                _, h, w = (int(x) for x in shape.split("x"))
+                for b in table.images:
+                    if (b.height, b.width) == (h, w):
+                        images[b.name] += float(n)
+            table.fit_weights_to_samples({name: float(n) for name, n in hist.items()}, images)
+        return table
 
     def expect_models(self, vae: nn.Module | None = None, text_encoder: nn.Module | None = None) -> LatentSetCheck:
         """The run's own frozen parts, built: latent sets must then come from this VAE (unless

@@ -80,6 +80,22 @@ def test_a_video_feeds_the_image_bucket_of_its_aspect():
     assert latent.image_bucket_for(_pending(64, 96, wide)) is None  # a cached latent is never resized
 
 
+def test_buckets_are_drawn_by_the_batches_their_samples_fill():
+    table = BucketTable([{"num_frames": 9, "height": 32, "width": 32, "batch_size": 28},
+                         {"num_frames": 17, "height": 32, "width": 48, "batch_size": 7},
+                         {"num_frames": 25, "height": 32, "width": 32, "batch_size": 14},
+                         {"num_frames": 1, "height": 32, "width": 32, "batch_size": 64},
+                         {"num_frames": 1, "height": 32, "width": 48, "batch_size": 32},
+                         {"num_frames": 1, "height": 48, "width": 32, "batch_size": 64}], image_ratio=0.2)
+    table.fit_weights_from_histogram({"9x32x32": 280, "17x32x48": 70, "33x32x32": 140}, target_fps=None)
+    w = table.weights
+    # 10 batches each: equal draws, so each shape's clips are used at the rate they arrive
+    assert w["9x32x32"] == pytest.approx(1 / 3) and w["17x32x48"] == pytest.approx(1 / 3) and w["25x32x32"] == pytest.approx(1 / 3)
+    # square clips (420) fill 6.6 image batches of 64, wide ones (70) 2.2 of 32; no tall clip feeds 1x48x32
+    assert w["1x32x32"] == pytest.approx((420 / 64) / (420 / 64 + 70 / 32)) and w["1x48x32"] == 0.0
+    assert {table.schedule(0, 0, i).name for i in range(400)} == {"9x32x32", "17x32x48", "25x32x32", "1x32x32", "1x32x48"}
+
+
 # -- the eval's parts -------------------------------------------------------------------------------------
 def test_shapes_are_parsed_and_checked():
     assert parse_shape("17x32x64") == (17, 32, 64) and parse_shape("1X48X32") == (1, 48, 32)
@@ -139,6 +155,23 @@ def test_fast_recipe_trains_on_every_bucket_and_scores_seen_and_unseen_shapes(tm
     assert meta["train_shape"] == {"num_frames": 17, "height": 32, "width": 32}
     assert {"1x32x32", "1x32x48", "1x48x32", "25x32x32"} <= set(meta["train_buckets"])
     assert "skipping sample" not in (out / "dit" / "train.log").read_text()  # every image batch had latents of its size
+    # the shipped buckets on these latents: 1,500 batches (metadata only) use every shape's clips at the rate
+    # they arrive, so no bucket's pool grows until the loader stops (it did, at ~650 steps, weighted by clips)
+    from omegaconf import OmegaConf
+
+    from sora_train.data.latents import LatentDataModule
+
+    buckets = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "experiment" / "shapes_native.yaml").data.buckets)
+    dm = LatentDataModule(str(out / "latents" / "train"), buckets=buckets, image_ratio=0.1, num_workers=0)
+    ds = dm.make_dataset(dm.train_spec, dm.make_buckets(), train=True)
+    st = ds._consumer()
+    batches = ds._batches(st, ds._forever(st), 0)
+    used: dict[str, int] = {}
+    for _ in range(1500):
+        for item in next(batches)[2]:
+            shape = f"{item.meta['num_frames']}x{item.meta['height']}x{item.meta['width']}"
+            used[shape] = used.get(shape, 0) + 1
+    assert len(used) == 5 and max(used.values()) < 1.1 * min(used.values()), used
     report = json.loads((out / "eval_shapes" / "report.json").read_text())
     shapes = report["native"]["shapes"]
     assert report["native"]["reference"] == "17x32x32" and list(shapes)[0] == "17x32x32"
