@@ -139,7 +139,9 @@ class BucketTable:
         for shape, n in histogram.items():
             f, h, w = (int(x) for x in shape.split("x"))
             b = self.assign(f, h, w, fps or 0.0, target_fps if fps else None)
-            if b is not None and not b.is_image:
+            if b is None:
+                continue  # fits no bucket: the loader skips it, so it feeds no image batch either
+            if not b.is_image:
                 videos[b.name] += n
             image = self.assign(1, h, w, 0.0, None, want_image=True)
             if image is not None:

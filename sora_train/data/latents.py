@@ -370,7 +370,10 @@ class LatentDataModule(VideoDataModule):
         table = BucketTable(cfg, self.tokens_per_batch, self.image_ratio, self.bucket_weights)
         if self.bucket_weights is None and hist:  # cached shapes are exact: each feeds its own buckets only
             images = {b.name: 0.0 for b in table.images}
+            names = {b.name for b in table.video}
             for shape, n in hist.items():
+                if shape not in names:
+                    continue  # fits no video bucket: skipped by the loader, it feeds no image batch either
                 _, h, w = (int(x) for x in shape.split("x"))
                 for b in table.images:
                     if (b.height, b.width) == (h, w):
