@@ -17,10 +17,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WANDB_SILENT=true
-# One torch thread per process: on 2 cores the loader's workers take the other core, and two
-# OpenMP threads that must wait for a busy core spin instead (the VAE stage, measured under load:
-# 78 s with one thread, over 10 minutes with two; docs/benchmarks.md).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Torch threads (OMP_NUM_THREADS, unless set): every core when the machine is otherwise idle, one
+# when other work is running. Idle, two threads beat one on 2 cores (DiT 300 steps 41 s vs 58 s,
+# VAE 150 steps 32 s vs 42 s); busy, OpenMP threads that must wait for a taken core spin (the VAE
+# stage: 78 s with one thread, over 10 minutes with two; docs/benchmarks.md).
+if [[ -z ${OMP_NUM_THREADS:-} ]]; then
+  cpu() { local _ u n s i w q sq st; read -r _ u n s i w q sq st _ < /proc/stat; echo "$((u + n + s + i + w + q + sq + st)) $((i + w))"; }
+  read -r t0 i0 <<< "$(cpu)"; sleep 1; read -r t1 i1 <<< "$(cpu)"
+  busy=$(( $(grep -c "^cpu[0-9]" /proc/stat) * 100 * ((t1 - t0) - (i1 - i0)) / (t1 - t0 > 0 ? t1 - t0 : 1) ))   # % of one core in use
+  if (( busy < 50 )); then OMP_NUM_THREADS=$(nproc); else OMP_NUM_THREADS=1; fi
+  echo "torch threads: $OMP_NUM_THREADS (${busy}% of a core busy before the demo)"
+fi
+export OMP_NUM_THREADS
 out=${SORA_DEMO_DIR:-outputs/demo}   # the experiments read the same variable
 export SORA_DEMO_DIR=$out
 start=$(date +%s)
