@@ -172,6 +172,16 @@ def test_fast_recipe_trains_on_every_bucket_and_scores_seen_and_unseen_shapes(tm
             shape = f"{item.meta['num_frames']}x{item.meta['height']}x{item.meta['width']}"
             used[shape] = used.get(shape, 0) + 1
     assert len(used) == 5 and max(used.values()) < 1.1 * min(used.values()), used
+    # a run whose loader fails (here: 4 of 5 clip shapes fit no bucket) stops with the worker's one-line error;
+    # it used to print a traceback and hang at exit on its DataLoader worker, which ignores SIGTERM during a run
+    bad = subprocess.run([str(BIN / "sora-train"), "experiment=shapes_native", f"vae_ckpt={base}/vae/export",
+                          f"data.train_shards={out}/latents/train", "data.val_shards=null", "data.num_workers=1", "data.image_ratio=0",
+                          "data.buckets=[{num_frames: 17, height: 32, width: 32, batch_size: 2}]", "trainer.max_steps=50",
+                          "callbacks.samples=null", f"hydra.run.dir={tmp_path}/bad", "dit.hidden_size=32", "dit.depth=1", "dit.num_heads=2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert bad.returncode == 2 and len(errors) == 1, bad.stderr[-3000:]
+    assert errors[0].startswith("error: data loader worker:") and "fits_no_bucket" in errors[0]
     report = json.loads((out / "eval_shapes" / "report.json").read_text())
     shapes = report["native"]["shapes"]
     assert report["native"]["reference"] == "17x32x32" and list(shapes)[0] == "17x32x32"
