@@ -83,7 +83,7 @@ def summarize_shape(records: Sequence[dict[str, Any]], attributes: Sequence[str]
 def evaluate_native(pipe, base: ShapesWorld, combos: Sequence[ShapeAttrs], shapes: Sequence[tuple[int, int, int]], reference: tuple[int, int, int], trained: Sequence[str], settings, advance: Callable[[int], None]) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
     """Text-to-video at every shape in ``shapes`` (``reference`` first, added if missing), the
     same prompts and seeds at each. Returns (the report's ``native`` section, one sample per shape)."""
-    from sora_train.training.shapes_eval import _to_uint8
+    from sora_train.training.pipeline import to_uint8
 
     order = [tuple(reference)] + [tuple(s) for s in shapes if tuple(s) != tuple(reference)]
     out: dict[str, Any] = {}
@@ -100,7 +100,7 @@ def evaluate_native(pipe, base: ShapesWorld, combos: Sequence[ShapeAttrs], shape
             batch = list(combos[b : b + settings.batch_size])
             gen = pipe.generate([a.caption() for a in batch], f, h, w, mode="t2v", steps=settings.steps,
                                 guidance_scale=settings.guidance_scale, shift=settings.shift, seed=settings.seed + b)
-            videos = _to_uint8(gen.video)  # (B, F, H, W, 3)
+            videos = to_uint8(gen.video)  # (B, F, H, W, 3)
             for video, attrs in zip(videos, batch):
                 records.append(score_clip(reader, video, attrs, attributes))
             if b == 0:
