@@ -130,6 +130,12 @@ def pad_text(embeddings: Sequence[Tensor], pad_to: int | None = None) -> tuple[T
 
 
 # -- the dataset -------------------------------------------------------------------------------
+def own_size_image_bucket(buckets: BucketTable, height: int, width: int) -> Bucket | None:
+    """A cached latent is not resized: the only image bucket it can feed (with its latent
+    frame 0) is the one of its own height and width."""
+    return next((b for b in buckets.images if (b.height, b.width) == (height, width)), None)
+
+
 class LatentShardDataset(ShardVideoDataset):
     """Bucketed batches of cached latents (and text embeddings) from latent shards.
 
@@ -192,9 +198,7 @@ class LatentShardDataset(ShardVideoDataset):
         return caption, tensors[str(cached.index(caption))]
 
     def image_bucket_for(self, item: PendingSample) -> Bucket | None:
-        """A cached latent is not resized: it feeds only the image bucket of its own height and width."""
-        h, w = int(item.meta["height"]), int(item.meta["width"])
-        return next((b for b in self.buckets.images if (b.height, b.width) == (h, w)), None)
+        return own_size_image_bucket(self.buckets, int(item.meta["height"]), int(item.meta["width"]))
 
     def load_sample(self, item: PendingSample, bucket: Bucket, rng: np.random.Generator, batch: list[LoadedSample]) -> LoadedSample:
         z = decode_latent(item.media[item.media_ext], item.media_ext)  # (C, f, h, w)
@@ -372,12 +376,10 @@ class LatentDataModule(VideoDataModule):
             images = {b.name: 0.0 for b in table.images}
             names = {b.name for b in table.video}
             for shape, n in hist.items():
-                if shape not in names:
-                    continue  # fits no video bucket: skipped by the loader, it feeds no image batch either
                 _, h, w = (int(x) for x in shape.split("x"))
-                for b in table.images:
-                    if (b.height, b.width) == (h, w):
-                        images[b.name] += float(n)
+                image = own_size_image_bucket(table, h, w) if shape in names else None  # no video bucket: skipped, feeds nothing
+                if image is not None:
+                    images[image.name] += float(n)
             table.fit_weights_to_samples({name: float(n) for name, n in hist.items()}, images)
         return table
 
@@ -424,6 +426,7 @@ __all__ = [
     "export_fingerprint",
     "index_dirs",
     "module_fingerprint",
+    "own_size_image_bucket",
     "pad_text",
     "text_fingerprint",
     "vae_fingerprint",
