@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: the whole path on the embedded shapes world, on CPU, in under 5 minutes, ending
 # with a score the demo cannot fix by construction (it reads its own videos back from pixels).
-#   1. shapes-world shards are generated under data/shapes if missing (real H.264 mp4s),
+#   1. shapes-world shards (make demo's world: larger objects, conf/data/shapes_demo.yaml) are
+#      generated under data/shapes_demo if missing (real H.264 mp4s),
 #   2. a small causal VAE trains (outputs/demo/vae),
-#   3. the clips are encoded once into latent shards, 9 frames at 4 fps (outputs/demo/latents),
+#   3. the clips are encoded once into latent shards, 5 frames at 2 fps (outputs/demo/latents),
 #   4. a small DiT trains on them (outputs/demo/dit),
 #   5. sora-sample writes videos from captions (outputs/demo/samples/*.mp4),
 #   6. sora-eval shapes scores the DiT's export: it generates a clip per caption combination
@@ -35,7 +36,7 @@ start=$(date +%s)
 stage() { echo; echo "== $1 ($(( $(date +%s) - start )) s so far)"; }
 
 data=${SORA_DATA_DIR:-data}
-clip=(--num-frames 9 --fps 4 --height 32 --width 32)   # the DiT's clips: every other frame
+clip=(--num-frames 5 --fps 2 --height 32 --width 32)   # the DiT's clips: every fourth frame
 
 stage "VAE"
 # shellcheck disable=SC2086  # SORA_DEMO_VAE_ARGS is a list of overrides
@@ -43,7 +44,7 @@ sora-train experiment=demo_vae resume=auto ${SORA_DEMO_VAE_ARGS:-} "$@"
 
 stage "latents"
 for split in train val; do
-  sora-data cache-latents "$data/shapes/$split" --vae "$out/vae/export" --out "$out/latents/$split" \
+  sora-data cache-latents "$data/shapes_demo/$split" --vae "$out/vae/export" --out "$out/latents/$split" \
     "${clip[@]}" --dtype float32 > "$out/latents-$split.log"
 done
 
@@ -51,11 +52,14 @@ stage "DiT"
 sora-train experiment=demo resume=auto "$@"
 
 stage "samples and scores"
-sora-sample --ckpt "$out/dit/export" --prompts-file launch/demo_prompts.txt --out "$out/samples" --seed 0 --fps 4
+# The loss plot (mostly process start-up) is drawn while the samples are generated.
+sora-eval loss-plot "$out/vae" "$out/dit" --labels vae dit --out "$out/loss_curves.png" &
+plot=$!
+sora-sample --ckpt "$out/dit/export" --prompts-file launch/demo_prompts.txt --out "$out/samples" --seed 0 --fps 2
 mkdir -p "$out/eval_shapes"
 sora-eval shapes --ckpt "$out/dit/export" --out "$out/eval_shapes" --targets demo --t2v-only \
   --max-combos "${SORA_DEMO_EVAL_COMBOS:-48}" --no-progress > "$out/eval_shapes/eval.log"
-sora-eval loss-plot "$out/vae" "$out/dit" --labels vae dit --out "$out/loss_curves.png"
+wait "$plot"
 
 echo
 echo "demo finished in $(( $(date +%s) - start )) s"

@@ -599,6 +599,7 @@ def run_shapes_eval(ckpt: str | Path, out_dir: str | Path, settings: ShapesEvalS
         "weights_sha256": pipe.meta.get("weights_sha256"),
         "train_step": pipe.meta.get("step"),
         "settings": {**asdict(s), "num_frames": world.num_frames, "height": world.height, "width": world.width,
+                     "world": world.options(),  # the world prompted and read: object sizes, travel, ...
                      "sampler": {**pipe.flow.sampler_defaults, **({"steps": s.steps} if s.steps else {}),
                                  **({"guidance_scale": s.guidance_scale} if s.guidance_scale is not None else {}),
                                  **({"shift": s.shift} if s.shift is not None else {})}},

@@ -145,9 +145,13 @@ def test_demo_chain_at_the_smallest_size(tmp_path):
     videos = sorted((demo / "samples").glob("*.mp4"))
     assert len(videos) >= 4
     for v in videos:
-        assert _decodes(v).shape == (9, 32, 32, 3)  # the demo's DiT makes 9-frame clips (4 fps)
+        assert _decodes(v).shape == (5, 32, 32, 3)  # the demo's DiT makes 5-frame clips (2 fps)
     latents = json.loads((demo / "latents" / "train" / "index.json").read_text())
-    assert latents["num_samples"] == 64 and latents["shape_histogram"] == {"9x32x32": 64}
+    assert latents["num_samples"] == 64 and latents["shape_histogram"] == {"5x32x32": 64}
+    # make demo's own world (larger objects) under its own data directory, and scored on it
+    world = latents["source_options"]["world"]
+    assert (tmp_path / "data" / "shapes_demo" / "train" / "index.json").is_file() and world["large_radius"] == [0.235, 0.26]
+    assert report["settings"]["world"]["large_radius"] == [0.235, 0.26]
     from PIL import Image
 
     with Image.open(demo / "loss_curves.png") as im:
