@@ -12,7 +12,9 @@
 #      (outputs/demo/eval_shapes/report.json; samples.png: a grid of clips with their captions
 #      and what was read; the targets are make demo's, `--targets demo`),
 #   7. the loss curves of both stages go into outputs/demo/loss_curves.png.
-# Re-running resumes each stage from its last checkpoint (resume=auto) instead of retraining.
+# Re-running resumes each stage from its last checkpoint (resume=auto) instead of retraining; a
+# demo dir from before an update that changed the models stops with a one-line error: move it
+# away (or set SORA_DEMO_DIR) to train afresh.
 # Arguments are Hydra overrides for both sora-train calls; SORA_DEMO_VAE_ARGS holds overrides
 # for the VAE stage alone (it is the one that generates the shards: data.prepare.num_train=...).
 set -euo pipefail

@@ -70,7 +70,12 @@ def train(cfg: DictConfig) -> float | None:
     ckpt = prepare_resume(ckpt, trainer)  # another world size: a ZeRO checkpoint goes through its universal copy
     if ckpt:
         log.info("resuming from %s", ckpt)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except RuntimeError as e:
+        if not ckpt or "Error(s) in loading state_dict" not in str(e):
+            raise
+        raise SoraError(_resume_mismatch(ckpt, run_dir, str(e))) from None
 
     if cfg.get("export"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -92,6 +97,15 @@ def train(cfg: DictConfig) -> float | None:
     metric = float(metric) if metric is not None else None
     _close_process_group()
     return metric
+
+
+def _resume_mismatch(ckpt: str, run_dir: Path, error: str) -> str:
+    """One line for a resumed checkpoint that holds another model than the config builds (a
+    run directory reused after the experiment changed, e.g. make demo's after an update)."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip()]
+    first = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[-1])
+    return (f"resume: {ckpt} holds another model than this config builds ({first[:200]}); "
+            f"train in a new hydra.run.dir, or move {run_dir} away")
 
 
 def _close_process_group() -> None:

@@ -69,3 +69,11 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_resumes(small
     names = {p.name for p in ckpt_dir.iterdir()}
     assert {"last.ckpt", "step=00000004.ckpt"} <= names and not [n for n in names if n.endswith(".partial")], names
     assert read_checkpoint_weights(ckpt_dir / "last.ckpt")[1]["global_step"] == 4
+
+    # The same run directory after the experiment changed (make demo's, after an update): one
+    # line that names the checkpoint and the first mismatch, not torch's list of every tensor.
+    r = _train(run_dir, data, "resume=auto", "dit.hidden_size=96")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-4000:]
+    assert f"resume: {ckpt_dir}/step=00000004.ckpt holds another model than this config builds (size mismatch for" in errors[0], errors
+    assert f"or move {run_dir} away" in errors[0], errors
