@@ -397,8 +397,8 @@ def make_world(facts: dict[str, Any], meta: dict[str, Any]) -> ShapesWorld:
         # the path) are defined on constant-velocity clips; a box-control model trained on
         # varied motion is scored on those, and on its own requested paths (evaluate_control).
         # The clip shape is the one the model trained on, not the source clips' own: make
-        # demo's DiT learns 9 frames at 4 fps of the 17-frame clips (the whole motion in 9
-        # frames), and a 9-frame world moves the object over the same path.
+        # demo's DiT learns 5 frames at 2 fps of the 17-frame clips (the whole motion in 5
+        # frames), and a 5-frame world moves the object over the same path.
         trained = {k: int(shape[k]) for k in ("num_frames", "height", "width") if k in shape}
         return ShapesWorld(**{**facts["world"], **trained, "motion": "straight"})
     return ShapesWorld(

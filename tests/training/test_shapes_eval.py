@@ -256,8 +256,9 @@ def test_bad_checkpoint_is_one_line_error(tmp_path, capsys):
 
 
 def test_world_is_scored_at_the_shape_the_model_trained_on():
-    """make demo's DiT trains on 9 frames (4 fps) cached from the 17-frame shapes clips: the
-    eval generates and reads 9-frame clips, with the rest of the world's options kept."""
+    """A DiT trained on fewer frames than the source clips (make demo's: 5 frames at 2 fps of the
+    17-frame clips; here 9): the eval generates and reads clips of its length, with the rest of
+    the world's options kept."""
     facts = {"world": {"height": 32, "width": 32, "num_frames": 17, "fps": 8.0, "motion": "varied"}}
     world = se.make_world(facts, {"train_shape": {"num_frames": 9, "height": 32, "width": 32}})
     assert (world.num_frames, world.height, world.width, world.fps, world.motion) == (9, 32, 32, 8.0, "straight")
