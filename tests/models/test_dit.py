@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sora_train.models.dit import DIT_SIZES, DiT, build_dit
-from sora_train.models.dit.dit import apply_rope, grid_positions, rope_angles
+from sora_train.models.dit.dit import apply_rope, grid_positions, normalized_position_features, rope_angles
 from sora_train.utils.errors import SoraError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -84,6 +84,8 @@ def test_input_errors():
 
 
 MODULATIONS = ["per_block", "shared"]
+# Every architecture variant the whole-model invariants below run on.
+VARIANTS = [dict(modulation="per_block"), dict(modulation="shared"), dict(normalized_positions=True)]
 
 
 @torch.no_grad()
@@ -124,6 +126,38 @@ def test_rope_is_relative_and_any_shape():
         assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_normalized_positions_span_every_shape():
+    """u is 0 at the first frame and the top / left edge's cell, 1 at the last frame and the
+    bottom / right edge's, at every grid: a 2:1 frame's edges look like a square frame's."""
+    for grid in [(5, 4, 4), (9, 4, 8), (1, 6, 4)]:
+        f = normalized_position_features(grid)  # (N, 24): sin(pi 2^k u) then cos, per axis
+        assert f.shape == (grid[0] * grid[1] * grid[2], 24)
+        cos_pi_u = f.reshape(-1, 3, 8)[:, :, 4]  # cos(pi u) per axis: 1 at u=0, -1 at u=1
+        u = torch.arccos(cos_pi_u.clamp(-1, 1)) / torch.pi  # (N, 3)
+        t, h, w = (u[:, a].reshape(grid) for a in range(3))
+        assert t[0].max() == 0 and (t[-1].min() == 1 or grid[0] == 1)
+        torch.testing.assert_close(h[0, 0, 0], torch.tensor(0.5 / grid[1]))
+        torch.testing.assert_close(w[0, 0, -1], torch.tensor(1 - 0.5 / grid[2]))
+    # two frames of different widths give their left edges the same features
+    a, b = normalized_position_features((1, 4, 4)), normalized_position_features((1, 4, 8))
+    assert not torch.allclose(a[0], b[0])  # u_w: 1/8 vs 1/16 (cell centres)
+    torch.testing.assert_close(a[0, :16], b[0, :16])  # t and h agree
+
+
+@torch.no_grad()
+def test_normalized_positions_start_as_the_model_without_them():
+    """The position MLP's output layer starts at zero: a model gaining it computes what it did,
+    and once trained (perturbed) the output depends on where a token sits in the frame."""
+    plain = perturb(make())
+    cued = make(normalized_positions=True)
+    missing, unexpected = cued.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("position_embedder.") for k in missing)
+    x, t, text, mask = inputs(f=3, h=4, w=8)
+    torch.testing.assert_close(cued(x, t, text, mask), plain(x, t, text, mask), rtol=0, atol=0)
+    perturb(cued.position_embedder)
+    assert not torch.allclose(cued(x, t, text, mask), plain(x, t, text, mask), atol=1e-4)
+
+
 @torch.no_grad()
 def test_padded_text_tokens_are_ignored():
     model = perturb(make()).eval()
@@ -150,9 +184,9 @@ def test_cond_mask_changes_output_only_when_model_nonzero():
     assert not torch.allclose(model(x, t, text, mask, cond), model(x, t, text, mask, None))
 
 
-@pytest.mark.parametrize("modulation", MODULATIONS)
-def test_gradients_reach_every_parameter(modulation):
-    model = make(modulation=modulation)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_reach_every_parameter(variant):
+    model = make(**variant)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, t, text, mask = inputs()
     cond = torch.tensor([[True, False, False], [False, False, False]])
@@ -183,9 +217,9 @@ def test_activation_checkpointing_is_exact(modulation):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("modulation", MODULATIONS)
-def test_config_roundtrip(modulation):
-    model = make(patch_size=(2, 2, 2), out_channels=8, modulation=modulation)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_roundtrip(variant):
+    model = make(patch_size=(2, 2, 2), out_channels=8, **variant)
     cfg = json.loads(json.dumps(model.config()))
     clone = DiT(**cfg)
     assert clone.config() == model.config() and clone.num_params() == model.num_params()
@@ -199,14 +233,18 @@ def test_param_counts_on_meta(size, nominal):
     assert abs(model.num_params() - nominal) / nominal < 0.35, model.num_params()
 
 
-@pytest.mark.parametrize("modulation", MODULATIONS)
-def test_flops_match_flop_counter(modulation):
-    model = make(modulation=modulation)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flops_match_flop_counter(variant):
+    model = make(**variant)
     x, t, text, mask = inputs(f=3, h=4, w=6)
     N, B, D = 3 * 2 * 3, x.shape[0], model.hidden_size
     # The counter sees every Linear but not the CPU flash-attention kernel: add QK^T and AV
     # of self- and cross-attention by hand (4N^2D + 4NLD per block, x3 for training).
     attention = model.depth * (4 * N * N * D + 4 * N * L * D)
+    # The counter does see the normalized-position MLP, which runs once per batch (on the
+    # grid) and flops_per_step leaves out: take its share per sample off the counter's side.
+    if model.position_embedder is not None:
+        attention -= (2 * N * 24 * D + 2 * N * D * D) / B
     with FlopCounterMode(display=False) as counter:
         model(x, t, text, mask)
     fwd = counter.get_total_flops() / B + attention

@@ -1,9 +1,14 @@
 """Spacetime-patch diffusion transformer (DiT) for video latents, predicting flow velocity.
 
 One model for images and videos of any shape: a latent (B, C, f, h, w) is cut into
-p_t x p_h x p_w spacetime patches, each patch becomes one token, and positions enter only
+p_t x p_h x p_w spacetime patches, each patch becomes one token, and positions enter
 through 3D rotary embeddings computed from the actual token grid on every call, so there is
-no learned position table and unseen durations / aspect ratios / resolutions just work.
+no learned position table and unseen durations / aspect ratios / resolutions are accepted.
+RoPE is relative: alone, it does not tell a token where the frame's edges are, and a model
+trained on square frames draws a second copy of its subject in each half of a 2:1 frame.
+``normalized_positions=True`` adds what it lacks: an embedding of each token's place as a
+fraction of the clip's duration, height and width (0 at the first frame / top / left edge,
+1 at the last / bottom / right), the same range at every shape.
 
 Block (DiT with adaLN-Zero, plus PixArt-style cross-attention to text):
     x = x + gate_msa * SelfAttn(modulate(LN(x), shift_msa, scale_msa))   # 3D RoPE on q, k
@@ -61,6 +66,28 @@ def grid_positions(grid: tuple[int, int, int], device=None) -> torch.Tensor:
     """Integer (t, h, w) coordinates of every token of an (f', h', w') grid, row-major: (N, 3)."""
     axes = [torch.arange(n, device=device, dtype=torch.float32) for n in grid]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (N, 3)
+
+
+# Octaves of the normalized-position features: sin / cos(pi 2^k u), k < 4, per axis.
+NORMALIZED_POSITION_OCTAVES = 4
+
+
+def normalized_position_features(grid: tuple[int, int, int], device=None) -> torch.Tensor:
+    """Each token's place in its clip as a fraction, as Fourier features: (N, 3 * 2 * octaves).
+
+    u_t = i / (f' - 1): the first token frame at 0, the last at 1 (0 for a single frame); with
+    a causal VAE of temporal stride s, latent frame i >= 1 ends pixel frame s*i of s*(f' - 1),
+    so u_t is the same fraction of the clip in pixels. u_h, u_w = (i + 0.5) / n: cell centres, the edges at 0 and 1. Each u
+    in [0, 1] gives sin and cos of pi 2^k u (cos(pi u) alone is monotone on [0, 1])."""
+    axes = [
+        (torch.arange(n, device=device, dtype=torch.float32) / max(n - 1, 1)) if a == 0
+        else (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
+        for a, n in enumerate(grid)
+    ]
+    u = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (N, 3)
+    freqs = math.pi * 2.0 ** torch.arange(NORMALIZED_POSITION_OCTAVES, device=device, dtype=torch.float32)  # (K,)
+    angles = u[..., None] * freqs  # (N, 3, K)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(u.shape[0], -1)  # (N, 6K)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +274,10 @@ class DiT(nn.Module):
             starts at zero, then added to the patch tokens: a model gaining box control
             starts out computing exactly what it did before, and a sample without boxes
             (all-zero maps) adds nothing, so box dropout in training is "no boxes".
+        normalized_positions: add an embedding of each token's place as a fraction of the
+            clip's duration, height and width (``normalized_position_features``; a small MLP
+            whose output layer starts at zero) to the patch tokens, beside RoPE: the model
+            knows where the frame's edges and the clip's ends are at any shape.
     """
 
     # Constructor arguments of earlier versions that exports may still record; ignored on load.
@@ -268,6 +299,7 @@ class DiT(nn.Module):
         out_channels: int | None = None,
         modulation: str = "per_block",
         max_boxes: int = 0,
+        normalized_positions: bool = False,
     ):
         super().__init__()
         patch_size = tuple(int(p) for p in patch_size)
@@ -309,6 +341,11 @@ class DiT(nn.Module):
             [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, shared_modulation=shared) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, p * self.out_channels)
+        self.normalized_positions = bool(normalized_positions)
+        self.position_embedder = (
+            nn.Sequential(nn.Linear(6 * NORMALIZED_POSITION_OCTAVES, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            if normalized_positions else None
+        )
         self.max_boxes = 0
         self.box_embedder: nn.Module | None = None
         self.initialize_weights()
@@ -368,6 +405,10 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        # Normalized positions start at zero too: a model gaining them computes what it did.
+        if self.position_embedder is not None:
+            nn.init.zeros_(self.position_embedder[2].weight)
+            nn.init.zeros_(self.position_embedder[2].bias)
         # QK RMSNorm gains start at 1 (nn.RMSNorm's default), LayerNorm affine at (1, 0).
 
     # ---- patches ------------------------------------------------------------------------
@@ -443,6 +484,9 @@ class DiT(nn.Module):
         x = self.x_embedder(x)  # (B, N, D)
         if box_maps is not None:
             x = x + self._box_tokens(box_maps, x.shape[:2])  # (B, N, D)
+        if self.position_embedder is not None:
+            features = normalized_position_features(grid, x.device).to(self.x_embedder.weight.dtype)  # (N, 6K)
+            x = x + self.position_embedder(features)  # (B, N, D) + (N, D)
         rope = rope_angles(grid_positions(grid, x.device), self.head_dim, self.rope_theta)  # 2 x (N, Dh/2)
 
         has_text = text_mask.any(dim=1, keepdim=True)  # (B, 1)
@@ -475,11 +519,13 @@ class DiT(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; exclude_embeddings drops the input embedders (patch, timestep,
-        text and pooled text), leaving the transformer blocks and the final layer."""
+        text and pooled text, box and normalized position), leaving the transformer blocks and the final layer."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            for m in (self.x_embedder, self.t_embedder, self.text_embedder, self.pooled_text_embedder, self.box_embedder):
-                if m is None:  # no box control
+            embedders = (self.x_embedder, self.t_embedder, self.text_embedder, self.pooled_text_embedder,
+                         self.box_embedder, self.position_embedder)
+            for m in embedders:
+                if m is None:  # no box control / normalized positions
                     continue
                 n -= sum(p.numel() for p in m.parameters())
         return n
@@ -498,8 +544,10 @@ class DiT(nn.Module):
                      + 2L(TD + D^2) + 2(TD + D^2) + 2(256D + D^2)   text, pooled text, time MLPs
                      + 2N*2M*p*D + 2ND^2   box embedder, with box control for M objects
         training=True returns 3x forward (backward costs twice the forward). Elementwise ops
-        and norms are not counted; activation checkpointing's recompute is not counted either
-        (MFU counts model FLOPs, not hardware FLOPs).
+        and norms are not counted, nor the normalized-position MLP (2N*24*D + 2ND^2 once per
+        batch: it embeds the token grid, which every sample shares); activation
+        checkpointing's recompute is not counted either (MFU counts model FLOPs, not hardware
+        FLOPs).
         """
         N, L, D = num_tokens, text_len, self.hidden_size
         M, T = int(D * self.mlp_ratio), self.text_dim
