@@ -94,6 +94,20 @@ def test_schedule_is_shared_by_ranks_and_mixes_images():
     assert 0.15 < frac < 0.35
 
 
+def test_schedule_draws_every_bucket_at_its_share_without_drift():
+    """Over n batches each bucket is drawn n * share times give or take a few, for a consumer
+    taking every batch or every k-th: no random-walk drift (sqrt(n), ~35 here) that lets the
+    samples waiting for an under-drawn bucket pile up until the loader stops."""
+    t = BucketTable(BUCKETS + [{"num_frames": 1, "height": 32, "width": 48, "batch_size": 8}], image_ratio=0.2,
+                    weights={"9x32x32": 3.0, "9x32x48": 1.0, "1x32x32": 1.0, "1x32x48": 1.0})
+    share = {"9x32x32": 0.6, "9x32x48": 0.2, "1x32x32": 0.1, "1x32x48": 0.1}
+    n = 6000
+    for stride, first in [(1, 0), (2, 1), (3, 2), (8, 5)]:
+        names = [t.schedule(11, 0, first + stride * j).name for j in range(n)]
+        worst = max(abs(names.count(b) - n * s) for b, s in share.items())
+        assert worst <= 12, (stride, worst)
+
+
 @pytest.mark.parametrize("decoder", ALL_DECODERS)
 def test_batches_are_one_shape_and_mix_images_and_videos(shard_dir, decoder):
     dm = VideoDataModule(str(shard_dir), BUCKETS, image_ratio=0.3, num_workers=2, shuffle_buffer=8, caption_probs={"rewritten": 1.0}, decoder=decoder)
