@@ -138,7 +138,8 @@ def test_normalized_positions_span_every_shape():
         assert t[0].max() == 0 and (t[-1].min() == 1 or grid[0] == 1)
         torch.testing.assert_close(h[0, 0, 0], torch.tensor(0.5 / grid[1]))
         torch.testing.assert_close(w[0, 0, -1], torch.tensor(1 - 0.5 / grid[2]))
-    # two frames of different widths give their left edges the same features
+    # frames of two widths: the top-left token has the same t and h features, and its u_w is
+    # the centre of a cell 1/4 or 1/8 of the width across
     a, b = normalized_position_features((1, 4, 4)), normalized_position_features((1, 4, 8))
     assert not torch.allclose(a[0], b[0])  # u_w: 1/8 vs 1/16 (cell centres)
     torch.testing.assert_close(a[0, :16], b[0, :16])  # t and h agree

@@ -77,8 +77,9 @@ def normalized_position_features(grid: tuple[int, int, int], device=None) -> tor
 
     u_t = i / (f' - 1): the first token frame at 0, the last at 1 (0 for a single frame); with
     a causal VAE of temporal stride s, latent frame i >= 1 ends pixel frame s*i of s*(f' - 1),
-    so u_t is the same fraction of the clip in pixels. u_h, u_w = (i + 0.5) / n: cell centres, the edges at 0 and 1. Each u
-    in [0, 1] gives sin and cos of pi 2^k u (cos(pi u) alone is monotone on [0, 1])."""
+    so u_t is the same fraction of the clip in pixels. u_h, u_w = (i + 0.5) / n: cell centres,
+    the edges at 0 and 1. Each u in [0, 1] gives sin and cos of pi 2^k u (cos(pi u) alone is
+    monotone on [0, 1])."""
     axes = [
         (torch.arange(n, device=device, dtype=torch.float32) / max(n - 1, 1)) if a == 0
         else (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
@@ -519,7 +520,8 @@ class DiT(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; exclude_embeddings drops the input embedders (patch, timestep,
-        text and pooled text, box and normalized position), leaving the transformer blocks and the final layer."""
+        text and pooled text, box and normalized position), leaving the transformer blocks and
+        the final layer."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             embedders = (self.x_embedder, self.t_embedder, self.text_embedder, self.pooled_text_embedder,
