@@ -183,8 +183,8 @@ class BucketTable:
         batch still sees a low-discrepancy sequence (step k * phi mod 1)."""
         phase = float(np.random.default_rng([seed, epoch, 0x5EED]).random())
         u = (phase + index * _GOLDEN_FRACTION) % 1.0
-        groups = [(self.images, self.image_ratio if self.video else 1.0), (self.video, 1.0 - self.image_ratio if self.images else 1.0)]
-        for pool, share in groups:
+        # image_ratio is 1 without video buckets and 0 without image buckets (__init__)
+        for pool, share in ((self.images, self.image_ratio), (self.video, 1.0 - self.image_ratio)):
             if not pool or share <= 0:
                 continue
             w = np.array([self.weights[b.name] for b in pool], dtype=np.float64)
