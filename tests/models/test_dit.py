@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sora_train.models.dit import DIT_SIZES, DiT, build_dit
-from sora_train.models.dit.dit import apply_rope, grid_positions, normalized_position_features, rope_angles
+from sora_train.models.dit.dit import apply_rope, grid_positions, normalized_position_features, rope_angles, rope_dims
 from sora_train.utils.errors import SoraError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -85,7 +85,8 @@ def test_input_errors():
 
 MODULATIONS = ["per_block", "shared"]
 # Every architecture variant the whole-model invariants below run on.
-VARIANTS = [dict(modulation="per_block"), dict(modulation="shared"), dict(normalized_positions=True)]
+VARIANTS = [dict(modulation="per_block"), dict(modulation="shared"), dict(normalized_positions=True),
+            dict(rope_scale=(1.0, 0.5, 0.5))]
 
 
 @torch.no_grad()
@@ -143,6 +144,44 @@ def test_normalized_positions_span_every_shape():
     a, b = normalized_position_features((1, 4, 4)), normalized_position_features((1, 4, 8))
     assert not torch.allclose(a[0], b[0])  # u_w: 1/8 vs 1/16 (cell centres)
     torch.testing.assert_close(a[0, :16], b[0, :16])  # t and h agree
+
+
+def test_rope_scale_stretches_the_period_past_the_grid():
+    """RoPE's fastest pair turns 1 rad per token (period 2 pi ~ 6.3 tokens): at the default
+    scale a token 6 tokens away is, to that pair, 0.28 rad from the token itself, nearer than
+    a neighbour at 1. With rope_scale 0.5 no distance within a 12-token extent (up to 11) comes
+    closer than the neighbour: twice the 6-token frames the native-shape model trains on."""
+    head_dim = 64
+    d_t, d_h, _ = rope_dims(head_dim)
+    w_first = d_t // 2 + d_h // 2  # the width axis's fastest pair
+    for scale, aliased in [(1.0, True), (0.5, False)]:
+        dist = torch.arange(12.0)
+        positions = torch.stack([torch.zeros(12), torch.zeros(12), dist * scale], dim=-1)  # (12, 3)
+        cos, sin = rope_angles(positions, head_dim)
+        turn = torch.atan2(sin[:, w_first], cos[:, w_first]).abs()  # angle to distance 0, wrapped to [0, pi]
+        assert turn[1] == pytest.approx(scale, abs=1e-5)
+        near = turn[2:] < turn[1]  # distances >= 2 that look nearer than the neighbour
+        assert bool(near[4].item() if aliased else near.any()) == aliased  # distance 6
+
+
+@torch.no_grad()
+def test_rope_scale_acts_per_axis_and_defaults_to_the_old_model():
+    plain = perturb(make())
+    for scale in [(1.0, 1.0, 1.0), [1, 1, 1]]:  # explicit ones, or a list from a config: the same model
+        same = make(rope_scale=scale)
+        same.load_state_dict(plain.state_dict())
+        x, t, text, mask = inputs(f=3, h=4, w=8)
+        torch.testing.assert_close(same(x, t, text, mask), plain(x, t, text, mask), rtol=0, atol=0)
+    spatial = make(rope_scale=(1.0, 0.5, 0.5))
+    spatial.load_state_dict(plain.state_dict())
+    x, t, text, mask = inputs(f=3, h=4, w=8)
+    assert not torch.allclose(spatial(x, t, text, mask), plain(x, t, text, mask), atol=1e-4)
+    x, t, text, mask = inputs(f=5, h=2, w=2)  # one token per frame: no spatial distance to scale
+    torch.testing.assert_close(spatial(x, t, text, mask), plain(x, t, text, mask), rtol=0, atol=1e-6)
+    assert "rope_scale" in plain.config() and DiT(**{k: v for k, v in plain.config().items() if k != "rope_scale"}).rope_scale == [1.0] * 3
+    for bad in [(1.0, 0.5), (1.0, 0.0, 1.0), (1.0, float("nan"), 1.0), "wide"]:
+        with pytest.raises(SoraError, match="rope_scale"):
+            make(rope_scale=bad)
 
 
 @torch.no_grad()

@@ -9,6 +9,12 @@ trained on square frames draws a second copy of its subject in each half of a 2:
 ``normalized_positions=True`` adds what it lacks: an embedding of each token's place as a
 fraction of the clip's duration, height and width (0 at the first frame / top / left edge,
 1 at the last / bottom / right), the same range at every shape.
+RoPE's fastest channel pair turns one radian per token: its period is 2*pi ~ 6.3 tokens. A
+model that trained on frames at most 6 tokens wide never saw a distance past one period, and
+on an 8-token-wide frame a token 6 or 7 tokens from the subject looks, to that pair, as if it
+were next to it: the model draws a fragment of a copy there. ``rope_scale`` multiplies the
+token positions per axis before the rotation (0.5: a 12.6-token period), so a small-grid
+model can be asked for frames up to about twice the extent it trained on without aliasing.
 
 Block (DiT with adaLN-Zero, plus PixArt-style cross-attention to text):
     x = x + gate_msa * SelfAttn(modulate(LN(x), shift_msa, scale_msa))   # 3D RoPE on q, k
@@ -279,6 +285,10 @@ class DiT(nn.Module):
             clip's duration, height and width (``normalized_position_features``; a small MLP
             whose output layer starts at zero) to the patch tokens, beside RoPE: the model
             knows where the frame's edges and the clip's ends are at any shape.
+        rope_scale: (t, h, w) multipliers of the token positions RoPE rotates by (1: one
+            position per token). Below 1 stretches every channel pair's period in tokens,
+            so extents past the trained ones do not alias onto near distances (see the
+            module docstring); part of the model (it trains and samples with the same).
     """
 
     # Constructor arguments of earlier versions that exports may still record; ignored on load.
@@ -301,6 +311,7 @@ class DiT(nn.Module):
         modulation: str = "per_block",
         max_boxes: int = 0,
         normalized_positions: bool = False,
+        rope_scale=(1.0, 1.0, 1.0),
     ):
         super().__init__()
         patch_size = tuple(int(p) for p in patch_size)
@@ -315,6 +326,12 @@ class DiT(nn.Module):
             raise SoraError(f"DiT cond_channels must be >= 0, got {cond_channels}")
         if max_boxes < 0:
             raise SoraError(f"DiT max_boxes must be >= 0, got {max_boxes}")
+        try:
+            rope_scale = [float(v) for v in rope_scale]
+        except (TypeError, ValueError):
+            raise SoraError(f"DiT rope_scale must be three positive numbers (t, h, w), got {rope_scale!r}") from None
+        if len(rope_scale) != 3 or not all(math.isfinite(v) and v > 0 for v in rope_scale):
+            raise SoraError(f"DiT rope_scale must be three positive numbers (t, h, w), got {rope_scale!r}")
         if modulation not in ("per_block", "shared"):
             raise SoraError(f"DiT modulation must be 'per_block' or 'shared', got {modulation!r}")
         self.modulation = modulation
@@ -324,6 +341,7 @@ class DiT(nn.Module):
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.text_dim, self.qk_norm, self.cond_channels = text_dim, qk_norm, cond_channels
         self.rope_theta = rope_theta
+        self.rope_scale = rope_scale
         self.head_dim = head_dim
         p = math.prod(patch_size)
 
@@ -488,7 +506,8 @@ class DiT(nn.Module):
         if self.position_embedder is not None:
             features = normalized_position_features(grid, x.device).to(self.x_embedder.weight.dtype)  # (N, 6K)
             x = x + self.position_embedder(features)  # (B, N, D) + (N, D)
-        rope = rope_angles(grid_positions(grid, x.device), self.head_dim, self.rope_theta)  # 2 x (N, Dh/2)
+        positions = grid_positions(grid, x.device) * torch.tensor(self.rope_scale, device=x.device)  # (N, 3)
+        rope = rope_angles(positions, self.head_dim, self.rope_theta)  # 2 x (N, Dh/2)
 
         has_text = text_mask.any(dim=1, keepdim=True)  # (B, 1)
         attn_mask = (text_mask | ~has_text)[:, None, None, :]  # (B, 1, 1, L); no fully-masked row
