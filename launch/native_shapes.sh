@@ -7,8 +7,9 @@
 #      17x32x48 (wide), 17x48x32 (tall), 9x32x32 (short), 25x32x32 (long);
 #   2. cache-latents --buckets: each clip cached at its own shape;
 #   3. the DiT (experiment=shapes_native): the shapes-quality model with normalized positions
-#      beside RoPE (dit.normalized_positions), 5,000 steps, one bucket per batch, plus 1-frame
-#      image batches (the causal VAE's frame 0 of each cached clip);
+#      beside RoPE (dit.normalized_positions) and the spatial RoPE positions halved
+#      (dit.rope_scale), 5,000 steps, one bucket per batch, plus 1-frame image batches (the
+#      causal VAE's frame 0 of each cached clip);
 #   4. sora-eval shapes --shapes: text-to-video at the seen shapes, the images, and unseen shapes:
 #      17x32x64 and 17x64x32 (2:1 and 1:2), 17x48x48 (a larger frame), 49x32x32 (2x the longest
 #      clip), 33x32x64 (the first try): one object in >= 95% of frames, and colour /
