@@ -179,7 +179,7 @@ def test_rope_scale_acts_per_axis_and_defaults_to_the_old_model():
     x, t, text, mask = inputs(f=5, h=2, w=2)  # one token per frame: no spatial distance to scale
     torch.testing.assert_close(spatial(x, t, text, mask), plain(x, t, text, mask), rtol=0, atol=1e-6)
     assert "rope_scale" in plain.config() and DiT(**{k: v for k, v in plain.config().items() if k != "rope_scale"}).rope_scale == [1.0] * 3
-    for bad in [(1.0, 0.5), (1.0, 0.0, 1.0), (1.0, float("nan"), 1.0), "wide"]:
+    for bad in [(1.0, 0.5), (1.0, 0.0, 1.0), (1.0, float("nan"), 1.0), "wide", "111"]:
         with pytest.raises(SoraError, match="rope_scale"):
             make(rope_scale=bad)
 

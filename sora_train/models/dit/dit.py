@@ -327,6 +327,8 @@ class DiT(nn.Module):
         if max_boxes < 0:
             raise SoraError(f"DiT max_boxes must be >= 0, got {max_boxes}")
         try:
+            if isinstance(rope_scale, str):
+                raise TypeError(rope_scale)
             rope_scale = [float(v) for v in rope_scale]
         except (TypeError, ValueError):
             raise SoraError(f"DiT rope_scale must be three positive numbers (t, h, w), got {rope_scale!r}") from None
