@@ -26,11 +26,9 @@ from pathlib import Path
 
 import torch
 
-from sora_train.data.shapes import AttributeReader
-from sora_train.training.pipeline import VideoPipeline, to_uint8
+from sora_train.training.pipeline import VideoPipeline
 from sora_train.training.shapes_eval import ShapesEvalSettings, data_facts, make_world, split_combos
-from sora_train.training.shapes_native import (IMAGE_ATTRIBUTES, VIDEO_ATTRIBUTES, parse_shape, score_clip,
-                                               summarize_shape, world_at)
+from sora_train.training.shapes_native import parse_shape, score_shape
 
 
 def token_extent(pipe: VideoPipeline, shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -38,19 +36,6 @@ def token_extent(pipe: VideoPipeline, shape: tuple[int, int, int]) -> tuple[int,
     f, h, w = pipe.latent_shape(*shape)
     pt, ph, pw = pipe.dit.patch_size
     return f // pt, h // ph, w // pw
-
-
-def score(pipe, world, combos, shape, settings) -> dict:
-    f, h, w = shape
-    reader = AttributeReader(world_at(world, f, h, w))
-    attributes = IMAGE_ATTRIBUTES if f == 1 else VIDEO_ATTRIBUTES
-    records = []
-    for b in range(0, len(combos), settings.batch_size):
-        batch = list(combos[b : b + settings.batch_size])
-        gen = pipe.generate([a.caption() for a in batch], f, h, w, mode="t2v", steps=settings.steps,
-                            guidance_scale=settings.guidance_scale, shift=settings.shift, seed=settings.seed + b)
-        records += [score_clip(reader, v, a, attributes) for v, a in zip(to_uint8(gen.video), batch)]
-    return summarize_shape(records, attributes)
 
 
 def main() -> None:
@@ -78,7 +63,7 @@ def main() -> None:
         for name, scale in [("as trained", own), ("interpolated", squeeze)]:
             pipe.dit.rope_scale = scale
             torch.manual_seed(settings.seed)
-            r = score(pipe, world, seen, shape, settings)
+            r, _ = score_shape(pipe, world, seen, shape, settings)
             acc = " ".join(f"{k} {100 * v:.1f}%" for k, v in r["accuracy"].items())
             print(f"{text:>10} {name:<12} rope_scale {tuple(round(v, 3) for v in scale)}: "
                   f"one object {100 * r['one_object_frac']:.1f}%  {acc}", flush=True)

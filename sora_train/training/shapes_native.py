@@ -80,11 +80,30 @@ def summarize_shape(records: Sequence[dict[str, Any]], attributes: Sequence[str]
     }
 
 
+def score_shape(pipe, base: ShapesWorld, combos: Sequence[ShapeAttrs], shape: tuple[int, int, int], settings, advance: Callable[[int], None] = lambda n: None) -> tuple[dict[str, Any], np.ndarray]:
+    """Text-to-video of every caption of ``combos`` at one clip shape, in batches seeded
+    ``settings.seed + first index``, scored by ``summarize_shape``. Returns (the summary, the
+    first sample (F, H, W, 3) uint8)."""
+    from sora_train.training.pipeline import to_uint8
+
+    f, h, w = shape
+    reader = AttributeReader(world_at(base, f, h, w))
+    attributes = IMAGE_ATTRIBUTES if f == 1 else VIDEO_ATTRIBUTES
+    records, first = [], None
+    for b in range(0, len(combos), settings.batch_size):
+        batch = list(combos[b : b + settings.batch_size])
+        gen = pipe.generate([a.caption() for a in batch], f, h, w, mode="t2v", steps=settings.steps,
+                            guidance_scale=settings.guidance_scale, shift=settings.shift, seed=settings.seed + b)
+        videos = to_uint8(gen.video)  # (B, F, H, W, 3)
+        records += [score_clip(reader, video, attrs, attributes) for video, attrs in zip(videos, batch)]
+        first = videos[0] if first is None else first
+        advance(len(batch))
+    return summarize_shape(records, attributes), first
+
+
 def evaluate_native(pipe, base: ShapesWorld, combos: Sequence[ShapeAttrs], shapes: Sequence[tuple[int, int, int]], reference: tuple[int, int, int], trained: Sequence[str], settings, advance: Callable[[int], None]) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
     """Text-to-video at every shape in ``shapes`` (``reference`` first, added if missing), the
     same prompts and seeds at each. Returns (the report's ``native`` section, one sample per shape)."""
-    from sora_train.training.pipeline import to_uint8
-
     order = [tuple(reference)] + [tuple(s) for s in shapes if tuple(s) != tuple(reference)]
     out: dict[str, Any] = {}
     samples: list[tuple[str, np.ndarray]] = []
@@ -92,21 +111,10 @@ def evaluate_native(pipe, base: ShapesWorld, combos: Sequence[ShapeAttrs], shape
     for shape in order:
         f, h, w = shape
         name = shape_name(shape)
-        world = world_at(base, f, h, w)
-        reader = AttributeReader(world)
-        attributes = IMAGE_ATTRIBUTES if f == 1 else VIDEO_ATTRIBUTES
-        records = []
-        for b in range(0, len(combos), settings.batch_size):
-            batch = list(combos[b : b + settings.batch_size])
-            gen = pipe.generate([a.caption() for a in batch], f, h, w, mode="t2v", steps=settings.steps,
-                                guidance_scale=settings.guidance_scale, shift=settings.shift, seed=settings.seed + b)
-            videos = to_uint8(gen.video)  # (B, F, H, W, 3)
-            for video, attrs in zip(videos, batch):
-                records.append(score_clip(reader, video, attrs, attributes))
-            if b == 0:
-                samples.append((f"{name} ({'seen' if name in trained_set else 'unseen'}): {batch[0].caption()}", videos[0]))
-            advance(len(batch))
-        out[name] = {"seen_in_training": name in trained_set, "frames": f, "height": h, "width": w, **summarize_shape(records, attributes)}
+        summary, first = score_shape(pipe, base, combos, shape, settings, advance)
+        if first is not None:
+            samples.append((f"{name} ({'seen' if name in trained_set else 'unseen'}): {combos[0].caption()}", first))
+        out[name] = {"seen_in_training": name in trained_set, "frames": f, "height": h, "width": w, **summary}
     ref = out[shape_name(reference)]["accuracy"]
     for entry in out.values():
         entry["points_lost"] = {k: 100.0 * (ref[k] - v) for k, v in entry["accuracy"].items() if k in ref}
