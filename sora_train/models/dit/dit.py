@@ -68,9 +68,10 @@ def rope_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * d_hw, d_hw, d_hw
 
 
-def grid_positions(grid: tuple[int, int, int], device=None) -> torch.Tensor:
-    """Integer (t, h, w) coordinates of every token of an (f', h', w') grid, row-major: (N, 3)."""
-    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in grid]
+def grid_positions(grid: tuple[int, int, int], device=None, scale=(1.0, 1.0, 1.0)) -> torch.Tensor:
+    """(t, h, w) coordinates of every token of an (f', h', w') grid, row-major: (N, 3); the
+    token index along each axis times that axis's ``scale`` (the DiT's ``rope_scale``)."""
+    axes = [torch.arange(n, device=device, dtype=torch.float32) * float(s) for n, s in zip(grid, scale)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (N, 3)
 
 
@@ -327,12 +328,10 @@ class DiT(nn.Module):
         if max_boxes < 0:
             raise SoraError(f"DiT max_boxes must be >= 0, got {max_boxes}")
         try:
-            if isinstance(rope_scale, str):
-                raise TypeError(rope_scale)
-            rope_scale = [float(v) for v in rope_scale]
+            scale = None if isinstance(rope_scale, str) else [float(v) for v in rope_scale]
         except (TypeError, ValueError):
-            raise SoraError(f"DiT rope_scale must be three positive numbers (t, h, w), got {rope_scale!r}") from None
-        if len(rope_scale) != 3 or not all(math.isfinite(v) and v > 0 for v in rope_scale):
+            scale = None
+        if scale is None or len(scale) != 3 or not all(math.isfinite(v) and v > 0 for v in scale):
             raise SoraError(f"DiT rope_scale must be three positive numbers (t, h, w), got {rope_scale!r}")
         if modulation not in ("per_block", "shared"):
             raise SoraError(f"DiT modulation must be 'per_block' or 'shared', got {modulation!r}")
@@ -343,7 +342,7 @@ class DiT(nn.Module):
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.text_dim, self.qk_norm, self.cond_channels = text_dim, qk_norm, cond_channels
         self.rope_theta = rope_theta
-        self.rope_scale = rope_scale
+        self.rope_scale = scale
         self.head_dim = head_dim
         p = math.prod(patch_size)
 
@@ -508,8 +507,7 @@ class DiT(nn.Module):
         if self.position_embedder is not None:
             features = normalized_position_features(grid, x.device).to(self.x_embedder.weight.dtype)  # (N, 6K)
             x = x + self.position_embedder(features)  # (B, N, D) + (N, D)
-        positions = grid_positions(grid, x.device) * torch.tensor(self.rope_scale, device=x.device)  # (N, 3)
-        rope = rope_angles(positions, self.head_dim, self.rope_theta)  # 2 x (N, Dh/2)
+        rope = rope_angles(grid_positions(grid, x.device, self.rope_scale), self.head_dim, self.rope_theta)  # 2 x (N, Dh/2)
 
         has_text = text_mask.any(dim=1, keepdim=True)  # (B, 1)
         attn_mask = (text_mask | ~has_text)[:, None, None, :]  # (B, 1, 1, L); no fully-masked row
