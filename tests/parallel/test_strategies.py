@@ -426,6 +426,11 @@ def run(strategy):
 
 for name in args.strategies.split(","):
     run(name)
+# As sora-train ends (cli/train.py): left to the interpreter's exit, gloo's threads can outlive
+# it and abort a finished rank ("terminate called without an active exception", seen in CI).
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
